@@ -1,0 +1,59 @@
+# rs-corpus: build RS image-text corpora with Apache Beam, train and benchmark RS CLIP on them.
+# Every target creates the virtualenv on first use; `make help` lists them.
+
+PYTHON ?= python3.11
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+RUNNER ?= DirectRunner
+OUTPUT ?= out/rs5m
+DEMO   ?= data/demo
+DEMO_PORT ?= 8707
+# INPUT: a glob of LAION-style parquet files; empty = the bundled demo world (served on loopback)
+INPUT  ?=
+ARGS   ?=
+
+.PHONY: help venv demo build-rs5m stats test perf-ingest clean
+
+help:
+	@echo "make build-rs5m RUNNER=DirectRunner [INPUT=glob] [OUTPUT=dir] [ARGS='...']"
+	@echo "make stats OUTPUT=dir      per-source stage table of a build (DuckDB)"
+	@echo "make test                  the test suite"
+	@echo "make perf-ingest           fetch+resize+shard throughput vs img2dataset"
+	@echo "make demo                  (re)generate the demo world and tiny models in $(DEMO)"
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first, pinned inside the machine's cap, so no resolver picks a newer CUDA build
+	$(PY) -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
+	$(PY) -m pip install -q -e ".[dev]"
+	@touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m pipelines.demo build --out $(DEMO) --port $(DEMO_PORT)
+
+build-rs5m: $(STAMP)
+ifeq ($(strip $(INPUT)),)
+	$(PY) -m pipelines.demo build --out $(DEMO) --port $(DEMO_PORT) --if-missing
+	$(PY) -m pipelines.demo serve --out $(DEMO) --port $(DEMO_PORT) -- \
+	  $(PY) -m pipelines.recipes.rs5m --runner $(RUNNER) --output $(OUTPUT) \
+	  --demo_world $(DEMO) $(ARGS)
+else
+	$(PY) -m pipelines.recipes.rs5m --runner $(RUNNER) --input '$(INPUT)' --output $(OUTPUT) $(ARGS)
+endif
+
+stats: $(STAMP)
+	$(PY) -m pipelines.stats $(OUTPUT)
+
+test: $(STAMP)
+	$(PY) -m pytest -q $(ARGS)
+
+perf-ingest: $(STAMP)
+	$(PY) -m pipelines.perf.ingest $(ARGS)
+
+clean:
+	rm -rf out data

@@ -1,0 +1,278 @@
+"""RS5M, PUB11 subset: remote-sensing pairs mined from LAION-style web parquet.
+
+    read parquet → keyword filter → URL dedup → fetch → decode/normalise → content dedup
+    (sha256 + pHash) → RS-image filter (CLIP linear probe, RunInference) → shards
+
+Every input row ends in exactly one of shards/, rejects/ or duplicates/, and the build fails
+unless ``input == kept + rejected + duplicates``. Run ``python -m pipelines.recipes.rs5m
+--help`` for the flags; Beam's own (``--runner``, ``--project``, ``--temp_location``,
+``--direct_num_workers``...) pass through.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import subprocess
+import sys
+from importlib import metadata
+from typing import Any
+
+import apache_beam as beam
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.options.pipeline_options import PipelineOptions, SetupOptions, StandardOptions
+
+import schemas
+from pipelines.records import DUPLICATES, REJECTS, reject_row
+from pipelines.sinks.shards import WriteBuild, join
+from pipelines.sources.laion import ColumnMap, ReadLaionParquet
+from pipelines.stages.dedup import DedupByContent, DedupByUrl
+from pipelines.stages.fetch import Fetch, FetchConfig
+from pipelines.stages.images import DecodeDoFn, ImageConfig
+from pipelines.stages.keywords import KeywordFilter
+from pipelines.stages.rs_filter import RSFilter
+
+log = logging.getLogger("rs5m")
+
+RECIPE = "rs5m"
+SUBSET = "pub11"
+
+
+def _bool(v: str | bool) -> bool:
+    if isinstance(v, bool):
+        return v
+    if v.lower() in ("1", "true", "yes", "on"):
+        return True
+    if v.lower() in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"not a boolean: {v!r}")
+
+
+class RS5MOptions(PipelineOptions):
+    @classmethod
+    def _add_argparse_args(cls, parser):
+        g = parser.add_argument_group("input")
+        g.add_argument("--input", help="glob(s) of LAION-style parquet, comma-separated")
+        g.add_argument("--output", default="out/rs5m", help="output folder (local, gs://, s3://)")
+        g.add_argument("--demo_world", help="a demo world folder: default input, models and "
+                       "the ground truth the build is scored against")
+        g.add_argument("--url_col", help="URL column (default: detect URL/url/image_url...)")
+        g.add_argument("--caption_col", help="caption column (default: detect TEXT/caption...)")
+        g.add_argument("--id_col", help="id column (default: detect SAMPLE_ID/id/key...)")
+        g.add_argument("--source", help="force one source name (default: parent folder name)")
+        g.add_argument("--keywords", help="keyword file (default: the bundled RS5M list)")
+        g = parser.add_argument_group("fetch (img2dataset-style)")
+        g.add_argument("--timeout", type=float,
+                       help="seconds per request (default 10; 3 on the demo world)")
+        g.add_argument("--retries", type=int, default=2)
+        g.add_argument("--max_bytes", type=int, default=20 * 2**20)
+        g.add_argument("--user_agent", default=FetchConfig.user_agent)
+        g.add_argument("--respect_noai", type=_bool, default=True)
+        g.add_argument("--thread_count", type=int, default=64,
+                       help="requests in flight per worker")
+        g = parser.add_argument_group("images (img2dataset-style)")
+        g.add_argument("--image_size", type=int, default=256)
+        g.add_argument("--resize_mode", default="border",
+                       choices=["no", "keep_ratio", "center_crop", "border"])
+        g.add_argument("--resize_only_if_bigger", type=_bool, default=False)
+        g.add_argument("--min_image_size", type=int, default=64)
+        g.add_argument("--max_aspect_ratio", type=float, default=float("inf"))
+        g.add_argument("--encode_quality", type=int, default=95)
+        g = parser.add_argument_group("dedup")
+        g.add_argument("--dedup", type=_bool, default=True,
+                       help="exact (sha256) + near-exact (pHash) dedup across the corpus")
+        g.add_argument("--phash_hamming", type=int, default=6,
+                       help="max pHash Hamming distance of two copies of one image")
+        g = parser.add_argument_group("RS-image filter")
+        g.add_argument("--rs_filter", type=_bool, default=True)
+        g.add_argument("--rs_model", help="open_clip architecture or local model directory")
+        g.add_argument("--rs_pretrained", help="local checkpoint for --rs_model")
+        g.add_argument("--rs_probe", help="probe JSON from `python -m pipelines.models.rs_probe"
+                       " train` (default: the demo world's)")
+        g.add_argument("--rs_threshold", type=float, help="default: the probe's threshold")
+        g.add_argument("--device", help="cuda or cpu (default: cuda when present)")
+        g = parser.add_argument_group("sink")
+        g.add_argument("--samples_per_shard", type=int, default=10_000)
+
+
+def resolve(opts: RS5MOptions) -> dict[str, Any]:
+    """Fill the demo world's defaults and check that the input is usable at all."""
+    cfg = {k: v for k, v in opts.get_all_options().items() if k in _OWN_FLAGS}
+    demo = cfg.get("demo_world")
+    if demo:
+        cfg["input"] = cfg.get("input") or join(demo, "pub11", "*", "*.parquet")
+        cfg["rs_model"] = cfg.get("rs_model") or join(demo, "models", "tiny-clip")
+        cfg["rs_probe"] = cfg.get("rs_probe") or join(demo, "models", "rs_probe.json")
+    # the demo's slow rows sleep 5 s: give up well before that
+    cfg["timeout"] = cfg.get("timeout") or (3.0 if demo else 10.0)
+    if not cfg.get("input"):
+        raise SystemExit("rs5m: give --input GLOB (LAION-style parquet) or --demo_world DIR")
+    if cfg["rs_filter"] and not (cfg.get("rs_model") and cfg.get("rs_probe")):
+        raise SystemExit("rs5m: the RS filter needs --rs_model and --rs_probe "
+                         "(or --rs_filter=false)")
+    return cfg
+
+
+_OWN_FLAGS: set[str] = set()
+
+
+def _own_flags() -> set[str]:
+    import argparse
+
+    p = argparse.ArgumentParser()
+    RS5MOptions._add_argparse_args(p)
+    return {a.dest for a in p._actions if a.dest != "help"}
+
+
+_OWN_FLAGS = _own_flags()
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def git_revision() -> str | None:
+    try:
+        here = os.path.dirname(os.path.abspath(__file__))
+        return subprocess.run(
+            ["git", "-C", here, "rev-parse", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def manifest(cfg: dict[str, Any], runner: str) -> dict[str, Any]:
+    return {
+        "recipe": RECIPE,
+        "subset": SUBSET,
+        "schema_version": schemas.SCHEMA_VERSION,
+        "config": {k: v for k, v in sorted(cfg.items()) if v is not None and v != float("inf")},
+        "runner": runner,
+        "git_revision": git_revision(),
+        "python": platform.python_version(),
+        "versions": {
+            d: _version(d)
+            for d in ("rs-corpus", "apache-beam", "pyarrow", "pillow", "torch", "open_clip_torch")
+        },
+    }
+
+
+def _route(fn):
+    """A pure stage ``record -> record | Reject`` as a FlatMap with a ``rejects`` output."""
+
+    def apply(record):
+        out = fn(record)
+        if isinstance(out, dict):
+            yield out
+        else:
+            yield beam.pvalue.TaggedOutput(REJECTS, reject_row(record, out))
+
+    return apply
+
+
+def build(p: beam.Pipeline, cfg: dict[str, Any], runner: str = "DirectRunner"):
+    """Compose the PUB11 pipeline on ``p``; returns the PCollection of the final stats doc."""
+    cmap = ColumnMap(cfg.get("url_col"), cfg.get("caption_col"), cfg.get("id_col"),
+                     cfg.get("source"))
+    read = p | "Read" >> ReadLaionParquet(cfg["input"], cmap, SUBSET)
+    inputs = (read.records, read[REJECTS]) | "AllInputs" >> beam.Flatten()
+
+    kw = KeywordFilter.load(cfg.get("keywords"))
+    keyword = read.records | "Keywords" >> beam.FlatMap(_route(kw)).with_outputs(
+        REJECTS, main="records"
+    )
+    by_url = keyword.records | "UrlDedup" >> DedupByUrl()
+    fetch_cfg = FetchConfig(
+        timeout=cfg["timeout"],
+        retries=cfg["retries"],
+        max_bytes=cfg["max_bytes"],
+        user_agent=cfg["user_agent"],
+        respect_noai=cfg["respect_noai"],
+        threads=cfg["thread_count"],
+    )
+    fetched = by_url.records | "Fetch" >> Fetch(fetch_cfg)
+    image_cfg = ImageConfig(
+        image_size=cfg["image_size"],
+        resize_mode=cfg["resize_mode"],
+        resize_only_if_bigger=cfg["resize_only_if_bigger"],
+        min_image_size=cfg["min_image_size"],
+        max_aspect_ratio=cfg["max_aspect_ratio"],
+        encode_quality=cfg["encode_quality"],
+    )
+    decoded = fetched.ok | "Decode" >> beam.ParDo(DecodeDoFn(image_cfg)).with_outputs(
+        REJECTS, main="records"
+    )
+    unique = decoded.records | "Dedup" >> DedupByContent(cfg["phash_hamming"], cfg["dedup"])
+    rs = unique["records"] | "RSFilter" >> RSFilter(
+        cfg.get("rs_model"),
+        cfg.get("rs_pretrained"),
+        cfg.get("rs_probe"),
+        threshold=cfg.get("rs_threshold"),
+        device=cfg.get("device"),
+        enabled=cfg["rs_filter"],
+    )
+    rejects = (
+        read[REJECTS], keyword[REJECTS], fetched[REJECTS], decoded[REJECTS], rs[REJECTS]
+    ) | "AllRejects" >> beam.Flatten()
+    duplicates = (by_url[DUPLICATES], unique[DUPLICATES]) | "AllDuplicates" >> beam.Flatten()
+    return {
+        "inputs": inputs,
+        "kept": rs.records,
+        "rejects": rejects,
+        "duplicates": duplicates,
+    } | "Write" >> WriteBuild(
+        cfg["output"], RECIPE, SUBSET, manifest(cfg, runner), cfg["samples_per_shard"]
+    )
+
+
+def clear_previous(output: str) -> None:
+    """Remove the files of an earlier build of this subset so none survives as stale."""
+    patterns = [join(output, d, f"{SUBSET}-*") for d in ("shards", "index", "rejects",
+                                                         "duplicates")]
+    patterns += [join(output, n) for n in ("stats.json", "sizes.json", "manifest.json")]
+    for pat in patterns:
+        found = [m.path for m in FileSystems.match([pat])[0].metadata_list]
+        if found:
+            FileSystems.delete(found)
+
+
+def run(argv: list[str] | None = None) -> dict[str, Any] | None:
+    opts = PipelineOptions(argv)
+    cfg = resolve(opts.view_as(RS5MOptions))
+    # our DoFns reference module-level code: ship the main session's imports with them
+    opts.view_as(SetupOptions).save_main_session = False
+    runner = opts.view_as(StandardOptions).runner or "DirectRunner"
+    dry_run = opts.get_all_options().get("dry_run")
+    if not dry_run:
+        clear_previous(cfg["output"])
+    log.info("rs5m/pub11: %s → %s on %s", cfg["input"], cfg["output"], runner)
+    with beam.Pipeline(options=opts) as p:
+        build(p, cfg, runner)
+    if dry_run:
+        log.info("dry run: the pipeline translated; nothing was submitted")
+        return None
+    with FileSystems.open(join(cfg["output"], "stats.json")) as f:
+        stats = json.loads(f.read())
+    from pipelines import stats as stats_report
+
+    print(stats_report.report(cfg["output"]))
+    if cfg.get("demo_world"):
+        from pipelines.demo import scoring
+
+        print(scoring.report(cfg["output"], cfg["demo_world"]))
+    return stats
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("apache_beam").setLevel(logging.WARNING)
+    run(sys.argv[1:])
+
+
+if __name__ == "__main__":
+    main()
