@@ -1,0 +1,117 @@
+"""Score a build of the demo world against its ground truth.
+
+The demo world knows, for every parquet row, whether its image is an aerial scene, which
+planted case it is and where a correct pipeline puts it (``ground_truth.parquet``). This
+module joins that with what the build wrote and reports:
+
+- every planted row whose outcome (kept / rejected / duplicate) differs from the expectation;
+- the RS-image filter's precision and recall over the rows that reached it (positive = kept,
+  truth = the image is an aerial scene), and the share of keyword-passing non-RS rows it
+  rejected.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import duckdb
+
+from pipelines.stats import _fmt_table, _table
+
+
+def outcomes(output: str, demo_world: str) -> list[dict[str, Any]]:
+    """Ground-truth rows with the build's outcome, stage and reason added."""
+    con = duckdb.connect()
+    gt = os.path.join(demo_world, "ground_truth.parquet")
+    index = _table(output, "index", "source,source_id,rs_score")
+    rejects = _table(output, "rejects", "source,source_id,stage,reason,score")
+    dups = _table(output, "duplicates", "source,source_id,stage,method,duplicate_of")
+    cur = con.execute(
+        f"""
+        WITH got AS (
+          SELECT source, source_id, 'kept' AS outcome, 'sink' AS stage, NULL AS reason,
+                 rs_score AS score FROM {index}
+          UNION ALL
+          SELECT source, source_id, 'rejected', stage, reason, score FROM {rejects}
+          UNION ALL
+          SELECT source, source_id, 'duplicate', stage, method, NULL FROM {dups})
+        SELECT gt.*, got.outcome, got.stage AS got_stage, got.reason AS got_reason,
+               got.score AS got_score
+        FROM read_parquet('{gt}') gt LEFT JOIN got USING (source, source_id)
+        ORDER BY gt.source, gt.row"""
+    )
+    names = [d[0] for d in cur.description]
+    return [dict(zip(names, r, strict=True)) for r in cur.fetchall()]
+
+
+def rs_filter_scores(rows: list[dict[str, Any]]) -> dict[str, float]:
+    reached = [
+        r for r in rows
+        if r["outcome"] == "kept" or (r["outcome"] == "rejected" and r["got_stage"] == "rs_filter")
+    ]
+    tp = sum(1 for r in reached if r["outcome"] == "kept" and r["is_rs"])
+    fp = sum(1 for r in reached if r["outcome"] == "kept" and not r["is_rs"])
+    fn = sum(1 for r in reached if r["outcome"] != "kept" and r["is_rs"])
+    tn = sum(1 for r in reached if r["outcome"] != "kept" and not r["is_rs"])
+    return {
+        "reached": len(reached),
+        "tp": tp, "fp": fp, "fn": fn, "tn": tn,
+        "precision": tp / (tp + fp) if tp + fp else float("nan"),
+        "recall": tp / (tp + fn) if tp + fn else float("nan"),
+        "non_rs_rejected": tn / (tn + fp) if tn + fp else float("nan"),
+    }
+
+
+def mismatches(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows whose outcome or stage differs from the ground truth's expectation.
+
+    Only rows the world can predict are checked: RS rows and planted cases (a non-RS row's
+    fate at the RS filter is the filter's accuracy, reported separately).
+    """
+    bad = []
+    for r in rows:
+        if r["outcome"] is None:
+            bad.append(r)
+            continue
+        if not (r["is_rs"] or r["planted"]) or r["expected_stage"] == "rs_filter":
+            continue
+        if r["outcome"] == "kept" and r["expected"] == "kept":
+            continue
+        if r["outcome"] == r["expected"] and (
+            r["expected_stage"] is None or r["expected_stage"] == r["got_stage"]
+            or r["outcome"] == "duplicate"
+        ):
+            continue
+        if r["is_rs"] and not r["planted"] and r["got_stage"] == "rs_filter":
+            continue  # an RS scene the filter missed: counted in its recall
+        bad.append(r)
+    return bad
+
+
+def report(output: str, demo_world: str) -> str:
+    rows = outcomes(output, demo_world)
+    s = rs_filter_scores(rows)
+    planted = sorted({r["planted"] for r in rows if r["planted"]})
+    per_case = []
+    for case in planted:
+        members = [r for r in rows if r["planted"] == case]
+        got = sorted({f"{r['outcome']}:{r['got_stage']}/{r['got_reason']}" for r in members})
+        exp = members[0]["expected"]
+        per_case.append([case, len(members), exp, ", ".join(got)])
+    bad = mismatches(rows)
+    lines = [
+        "Demo world: planted cases and where they ended:",
+        _fmt_table(["planted", "rows", "expected", "got (outcome:stage/reason)"], per_case),
+        "",
+        f"RS filter vs ground truth: precision {s['precision']:.3f}  recall {s['recall']:.3f}  "
+        f"(tp {s['tp']} fp {s['fp']} fn {s['fn']} tn {s['tn']}); "
+        f"non-RS keyword hits rejected: {s['non_rs_rejected']:.1%}",
+        f"Rows not where the ground truth expects them: {len(bad)}",
+    ]
+    for r in bad[:20]:
+        lines.append(
+            f"  {r['source']}:{r['source_id']} planted={r['planted']} expected={r['expected']}"
+            f"/{r['expected_stage']} got={r['outcome']}/{r['got_stage']}/{r['got_reason']}"
+        )
+    return "\n".join(lines)
