@@ -1,0 +1,94 @@
+import json
+
+import apache_beam as beam
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from apache_beam.testing.test_pipeline import TestPipeline
+from apache_beam.testing.util import assert_that, equal_to
+
+from pipelines.records import REJECTS, make_key
+from pipelines.sources.laion import ColumnMap, ReadLaionParquet, read_row_group, resolve_columns
+
+
+def write(path, table, row_group_size=None):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, path, row_group_size=row_group_size)
+    return path
+
+
+@pytest.fixture
+def files(tmp_path):
+    laion = write(
+        tmp_path / "laion2b" / "part-0.parquet",
+        pa.table({
+            "SAMPLE_ID": pa.array([10, 11, 12, 13], pa.int64()),
+            "URL": ["http://a/1.jpg", "http://a/2.jpg", None, "http://a/4.jpg"],
+            "TEXT": ["aerial  view\nof a port", "", "satellite image", "drone shot"],
+            "WIDTH": [100, 200, 300, 400],
+            "similarity": [0.3, float("nan"), 0.2, 0.1],
+        }),
+        row_group_size=2,
+    )
+    cc = write(
+        tmp_path / "cc12m" / "part-0.parquet",
+        pa.table({
+            "url": ["http://b/1.jpg", "http://b/2.jpg"],
+            "caption": pa.array([b"satellite map", b"bad \xff\xfe bytes"], pa.binary()),
+        }),
+    )
+    return tmp_path, laion, cc
+
+
+def test_detects_laion_and_lowercase_spellings(files):
+    _, laion, cc = files
+    cols = resolve_columns(str(laion), ["SAMPLE_ID", "URL", "TEXT"], ColumnMap())
+    assert (cols.url, cols.caption, cols.id) == ("URL", "TEXT", "SAMPLE_ID")
+    cols = resolve_columns(str(cc), ["url", "caption"], ColumnMap())
+    assert (cols.url, cols.caption, cols.id) == ("url", "caption", None)
+
+
+def test_missing_columns_is_a_clear_error():
+    with pytest.raises(ValueError, match="--url_col"):
+        resolve_columns("x.parquet", ["link_to_img", "TEXT"], ColumnMap(url_col="nope"))
+
+
+def test_rows_become_records_with_provenance_and_rejects(files):
+    _, laion, cc = files
+    out = list(read_row_group(str(laion), 0, ColumnMap(), "pub11")) + list(
+        read_row_group(str(laion), 1, ColumnMap(), "pub11")
+    )
+    ok = out[0]
+    assert ok["source"] == "laion2b" and ok["source_id"] == "10"
+    assert ok["key"] == make_key("laion2b", "10") and "." not in ok["key"]
+    assert ok["caption"] == "aerial view of a port"  # whitespace normalised
+    extra = json.loads(ok["extra"])
+    assert extra == {"SAMPLE_ID": 10, "WIDTH": 100, "similarity": 0.3}
+    assert json.loads(out[1][0]["extra"])["similarity"] is None  # NaN → null
+    assert out[1][1].reason == "empty_caption"
+    assert out[2][1].reason == "missing_url"
+    assert out[3]["source_id"] == "13"  # row groups keep the file's row numbering
+    cc_out = list(read_row_group(str(cc), 0, ColumnMap(), "pub11"))
+    assert cc_out[0]["source_id"] == "part-0:0" and cc_out[0]["caption"] == "satellite map"
+    assert cc_out[1][1].reason == "caption_not_utf8"
+
+
+def test_beam_read_accounts_for_every_row(files):
+    root, _, _ = files
+    with TestPipeline() as p:
+        out = p | ReadLaionParquet(str(root / "*" / "*.parquet"))
+        assert_that(
+            out.records | "K" >> beam.Map(lambda r: r["source_id"]),
+            equal_to(["10", "13", "part-0:0"]),
+        )
+        assert_that(
+            out[REJECTS] | "R" >> beam.Map(lambda r: (r["source_id"], r["stage"], r["reason"])),
+            equal_to([("11", "read", "empty_caption"), ("12", "read", "missing_url"),
+                      ("part-0:1", "read", "caption_not_utf8")]),
+            label="rejects",
+        )
+
+
+def test_no_match_fails_before_the_pipeline(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        ReadLaionParquet(str(tmp_path / "*.parquet"))
