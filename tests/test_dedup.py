@@ -19,7 +19,7 @@ def rec(key, sha, phash, w=100, h=100, nbytes=1000, url=None):
     return {
         "key": key, "subset": "pub11", "source": "s", "source_id": key, "url": url,
         "sha256": sha, "phash": f"{phash:016x}", "original_width": w, "original_height": h,
-        "original_bytes": nbytes,
+        "_original_bytes": nbytes,
     }
 
 

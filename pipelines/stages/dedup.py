@@ -54,7 +54,7 @@ class Node(NamedTuple):
 
 def node_of(record: dict[str, Any]) -> Node:
     pixels = int(record.get("original_width") or 0) * int(record.get("original_height") or 0)
-    nbytes = int(record.get("original_bytes") or 0)
+    nbytes = int(record.get("_original_bytes") or 0)
     return Node((-pixels, -nbytes, record["key"]), record["key"], record["sha256"],
                 int(record["phash"], 16))
 

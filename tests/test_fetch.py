@@ -1,0 +1,384 @@
+"""The fetch stage against a real HTTP server on 127.0.0.1 (the DemoServer)."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+import apache_beam as beam
+import pytest
+from apache_beam.testing.test_pipeline import TestPipeline
+from apache_beam.testing.util import assert_that, equal_to
+
+from pipelines.demo.server import DemoServer, PortInUseError
+from pipelines.records import REJECTS, Reject
+from pipelines.stages.fetch import (
+    DEFAULT_USER_AGENT,
+    Fetch,
+    FetchConfig,
+    FetchDoFn,
+    Fetcher,
+    fetch_url,
+    noai_directive,
+)
+
+# Fast retries so the suite stays quick; the retry *count* is what the tests check.
+FAST = FetchConfig(timeout=5.0, retries=2, backoff=0.01)
+
+
+def body_of(demo_root, name):
+    return (demo_root / "img" / name).read_bytes()
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# --- success and HTTP statuses -------------------------------------------------------------
+
+
+def test_success_returns_exact_bytes(demo_server, demo_root):
+    got = fetch_url(demo_server.url("/img/a.jpg"), FAST)
+    assert got == body_of(demo_root, "a.jpg")
+    assert demo_server.requests["/img/a.jpg"] == 1
+
+
+def test_404_is_not_retried(demo_server):
+    got = fetch_url(demo_server.url("/img/nope.jpg"), FAST)
+    assert isinstance(got, Reject)
+    assert (got.stage, got.reason) == ("fetch", "http_404")
+    assert demo_server.requests["/img/nope.jpg"] == 1
+
+
+@pytest.mark.parametrize("code", [500, 503])
+def test_5xx_is_retried_then_rejected(demo_server, code):
+    got = fetch_url(demo_server.url(f"/status/{code}"), FAST)
+    assert isinstance(got, Reject)
+    assert got.reason == f"http_{code}"
+    assert "3 attempt" in got.detail
+    assert demo_server.requests[f"/status/{code}"] == 1 + FAST.retries
+
+
+def test_retries_zero_means_one_attempt(demo_server):
+    got = fetch_url(demo_server.url("/status/503"), FetchConfig(retries=0))
+    assert got.reason == "http_503"
+    assert demo_server.requests["/status/503"] == 1
+
+
+def test_flaky_succeeds_after_retries(demo_server, demo_root):
+    got = fetch_url(demo_server.url("/flaky/2/img/a.jpg"), FAST)
+    assert got == body_of(demo_root, "a.jpg")
+    assert demo_server.requests["/flaky/2/img/a.jpg"] == 3
+
+
+def test_flaky_beyond_retries_is_rejected(demo_server):
+    got = fetch_url(demo_server.url("/flaky/5/img/a.jpg"), FAST)
+    assert got.reason == "http_503"
+    assert demo_server.requests["/flaky/5/img/a.jpg"] == 3
+
+
+def test_ratelimit_429_is_retried_honouring_retry_after(demo_server, demo_root):
+    # backoff is huge: only honouring "Retry-After: 0" keeps this fast.
+    cfg = FetchConfig(retries=1, backoff=30.0)
+    t0 = time.monotonic()
+    got = fetch_url(demo_server.url("/ratelimit/img/b.png"), cfg)
+    assert time.monotonic() - t0 < 5.0
+    assert got == body_of(demo_root, "b.png")
+    assert demo_server.requests["/ratelimit/img/b.png"] == 2
+
+
+def test_redirect_is_followed(demo_server, demo_root):
+    got = fetch_url(demo_server.url("/redirect/img/c.jpg"), FAST)
+    assert got == body_of(demo_root, "c.jpg")
+    assert demo_server.requests["/redirect/img/c.jpg"] == 1
+    assert demo_server.requests["/img/c.jpg"] == 1
+
+
+# --- network failures ----------------------------------------------------------------------
+
+
+def test_slow_server_times_out(demo_server):
+    cfg = FetchConfig(timeout=0.5, retries=1, backoff=0.01)
+    t0 = time.monotonic()
+    got = fetch_url(demo_server.url("/slow/3/img/a.jpg"), cfg)
+    elapsed = time.monotonic() - t0
+    assert isinstance(got, Reject) and got.reason == "timeout"
+    assert "2 attempt" in got.detail
+    assert demo_server.requests["/slow/3/img/a.jpg"] == 2  # timeouts are retried
+    assert elapsed < 2.5
+
+
+def test_connection_refused(demo_server):
+    t0 = time.monotonic()
+    got = fetch_url(f"http://127.0.0.1:{closed_port()}/img/a.jpg", FAST)
+    assert isinstance(got, Reject)
+    assert (got.stage, got.reason) == ("fetch", "connection_error")
+    assert time.monotonic() - t0 < 2.0  # refused is not worth retrying with backoff
+
+
+# --- body checks ---------------------------------------------------------------------------
+
+
+def test_byte_cap_rejects_too_large(demo_server, demo_root):
+    size = len(body_of(demo_root, "a.jpg"))
+    got = fetch_url(demo_server.url("/img/a.jpg"), FetchConfig(max_bytes=size - 1))
+    assert isinstance(got, Reject) and got.reason == "too_large"
+    assert fetch_url(demo_server.url("/img/a.jpg"), FetchConfig(max_bytes=size)) == body_of(
+        demo_root, "a.jpg"
+    )
+
+
+def test_empty_body(demo_server):
+    got = fetch_url(demo_server.url("/empty"), FAST)
+    assert isinstance(got, Reject) and got.reason == "empty_body"
+
+
+def test_html_labelled_as_jpeg_is_fetched_as_is(demo_server):
+    # Fetch does not judge content; the decode stage rejects it as not_an_image.
+    got = fetch_url(demo_server.url("/html"), FAST)
+    assert isinstance(got, bytes) and got.startswith(b"<!doctype html>")
+
+
+def test_noai_header_is_respected(demo_server, demo_root):
+    got = fetch_url(demo_server.url("/noai/img/a.jpg"), FAST)
+    assert isinstance(got, Reject) and got.reason == "robots_noai"
+    assert "noai" in got.detail
+    allowed = fetch_url(demo_server.url("/noai/img/a.jpg"), FetchConfig(respect_noai=False))
+    assert allowed == body_of(demo_root, "a.jpg")
+
+
+@pytest.mark.parametrize(
+    "values, expected",
+    [
+        (["noai"], "noai"),
+        (["NoImageIndex"], "noimageindex"),
+        (["noarchive, noindex"], "noindex"),
+        (["googlebot: noindex"], None),  # addressed to someone else
+        (["img2dataset: noai"], "noai"),  # addressed to img2dataset-compatible crawlers
+        (["rs-corpus: noimageai"], "noimageai"),
+        (["googlebot: noindex", "noai"], "noai"),
+        (["unavailable_after: 25 Jun 2010 15:00:00 PST"], None),
+        (["nofollow"], None),
+        ([], None),
+    ],
+)
+def test_noai_directive_parsing(values, expected):
+    assert noai_directive(values, FetchConfig()) == expected
+
+
+def test_user_agent_header_is_sent(demo_server):
+    fetch_url(demo_server.url("/img/a.jpg"), FAST)
+    assert demo_server.last_headers["/img/a.jpg"]["User-Agent"] == DEFAULT_USER_AGENT
+    custom = FetchConfig(user_agent="rs-corpus-test/1.0")
+    fetch_url(demo_server.url("/img/b.png"), custom)
+    assert demo_server.last_headers["/img/b.png"]["User-Agent"] == "rs-corpus-test/1.0"
+
+
+# --- non-HTTP URLs -------------------------------------------------------------------------
+
+
+def test_file_url_and_plain_path(demo_root):
+    path = demo_root / "img" / "b.png"
+    assert fetch_url(path.as_uri(), FAST) == path.read_bytes()
+    assert fetch_url(str(path), FAST) == path.read_bytes()
+
+
+def test_missing_file(demo_root):
+    for url in [(demo_root / "img" / "nope.png").as_uri(), str(demo_root / "nope.png")]:
+        got = fetch_url(url, FAST)
+        assert isinstance(got, Reject) and got.reason == "file_not_found", url
+
+
+def test_file_byte_cap_and_empty_file(tmp_path):
+    big = tmp_path / "big.bin"
+    big.write_bytes(b"x" * 1000)
+    assert fetch_url(str(big), FetchConfig(max_bytes=999)).reason == "too_large"
+    assert fetch_url(str(big), FetchConfig(max_bytes=1000)) == b"x" * 1000
+    empty = tmp_path / "empty.bin"
+    empty.write_bytes(b"")
+    assert fetch_url(str(empty), FAST).reason == "empty_body"
+
+
+@pytest.mark.parametrize("url", [None, "", "   "])
+def test_missing_url(url):
+    got = fetch_url(url, FAST)
+    assert isinstance(got, Reject) and (got.stage, got.reason) == ("fetch", "missing_url")
+
+
+@pytest.mark.parametrize(
+    "url", ["ftp://example.com/a.jpg", "data:image/png;base64,AAAA", "mailto:someone@example.com"]
+)
+def test_unsupported_scheme(url):
+    got = fetch_url(url, FAST)
+    assert isinstance(got, Reject) and got.reason == "unsupported_scheme"
+
+
+def test_malformed_http_url_is_rejected_not_raised():
+    got = fetch_url("http://", FAST)
+    assert isinstance(got, Reject) and got.reason == "invalid_url"
+
+
+# --- many at once --------------------------------------------------------------------------
+
+
+def test_fetch_many_keeps_input_order_and_runs_concurrently(demo_server, demo_root):
+    names = ["a.jpg", "b.png", "c.jpg"]
+    urls, expected = [], []
+    for i in range(24):
+        name = names[i % 3]
+        # Every third URL is slow; run serially these would take 8 * 0.4 = 3.2 s.
+        path = f"/slow/0.4/img/{name}" if i % 3 == 0 else f"/img/{name}"
+        urls.append(demo_server.url(path) + f"?i={i}")
+        expected.append(body_of(demo_root, name))
+    urls.insert(5, demo_server.url("/img/missing.jpg"))
+    expected.insert(5, "http_404")
+    urls.insert(9, None)
+    expected.insert(9, "missing_url")
+    with Fetcher(FetchConfig(threads=32, retries=0)) as fetcher:
+        t0 = time.monotonic()
+        got = fetcher.fetch_many(urls)
+        elapsed = time.monotonic() - t0
+    assert [g.reason if isinstance(g, Reject) else g for g in got] == expected
+    assert elapsed < 2.0
+    assert demo_server.requests["/slow/0.4/img/a.jpg"] == 8
+
+
+def test_slow_request_does_not_block_others(demo_server):
+    cfg = FetchConfig(timeout=5.0)
+    done = {}
+
+    def slow():
+        done["slow"] = fetch_url(demo_server.url("/slow/1.5/img/a.jpg"), cfg)
+
+    t = threading.Thread(target=slow)
+    t.start()
+    time.sleep(0.1)
+    t0 = time.monotonic()
+    assert isinstance(fetch_url(demo_server.url("/img/b.png"), cfg), bytes)
+    assert time.monotonic() - t0 < 1.0
+    t.join()
+    assert isinstance(done["slow"], bytes)
+
+
+# --- the server itself ---------------------------------------------------------------------
+
+
+def test_server_port_in_use_is_a_clear_error(demo_server, demo_root):
+    with pytest.raises(PortInUseError, match="already in use"):
+        DemoServer(demo_root, port=demo_server.port).start()
+
+
+def test_server_stops_promptly_with_a_sleeper_in_flight(demo_root):
+    srv = DemoServer(demo_root).start()
+    result = {}
+    cfg = FetchConfig(timeout=30.0, retries=0)
+    t = threading.Thread(
+        target=lambda: result.update(r=fetch_url(srv.url("/slow/60/img/a.jpg"), cfg))
+    )
+    t.start()
+    time.sleep(0.2)
+    t0 = time.monotonic()
+    srv.stop()
+    t.join(timeout=5)
+    assert time.monotonic() - t0 < 3.0
+    assert not t.is_alive()
+    assert isinstance(result["r"], Reject)
+
+
+def test_server_routes(demo_server):
+    import requests
+
+    r = requests.get(demo_server.url("/img/a.jpg"), timeout=5)
+    assert (r.status_code, r.headers["Content-Type"]) == (200, "image/jpeg")
+    r = requests.get(demo_server.url("/img/b.png"), timeout=5)
+    assert r.headers["Content-Type"] == "image/png"
+    assert requests.get(demo_server.url("/img/../conftest.py"), timeout=5).status_code == 404
+    assert requests.get(demo_server.url("/status/418"), timeout=5).status_code == 418
+    r = requests.get(demo_server.url("/redirect/img/a.jpg"), timeout=5, allow_redirects=False)
+    assert (r.status_code, r.headers["Location"]) == (302, "/img/a.jpg")
+    r = requests.get(demo_server.url("/noai/img/a.jpg"), timeout=5)
+    assert r.headers["X-Robots-Tag"] == "noai"
+    r = requests.get(demo_server.url("/html"), timeout=5)
+    assert r.headers["Content-Type"] == "image/jpeg" and b"<html>" in r.content
+    r = requests.get(demo_server.url("/empty"), timeout=5)
+    assert (r.status_code, r.content) == (200, b"")
+    r = requests.get(demo_server.url("/ratelimit/img/a.jpg"), timeout=5)
+    assert (r.status_code, r.headers["Retry-After"]) == (429, "0")
+    assert requests.get(demo_server.url("/ratelimit/img/a.jpg"), timeout=5).status_code == 200
+    assert demo_server.requests["/ratelimit/img/a.jpg"] == 2
+
+
+# --- Beam ----------------------------------------------------------------------------------
+
+
+def record(key, url):
+    return {
+        "key": key,
+        "subset": "t",
+        "source": "demo",
+        "source_id": key,
+        "url": url,
+        "caption": f"caption {key}",
+    }
+
+
+def test_fetch_dofn_direct(demo_server, demo_root):
+    fn = FetchDoFn(FAST)
+    fn.setup()
+    try:
+        out = list(
+            fn.process(
+                [
+                    record("k1", demo_server.url("/img/a.jpg")),
+                    record("k2", demo_server.url("/status/404")),
+                ]
+            )
+        )
+    finally:
+        fn.teardown()
+    assert out[0]["_body"] == body_of(demo_root, "a.jpg") and out[0]["key"] == "k1"
+    assert isinstance(out[1], beam.pvalue.TaggedOutput) and out[1].tag == REJECTS
+    assert (out[1].value["key"], out[1].value["reason"]) == ("k2", "http_404")
+
+
+def test_fetch_transform_in_a_pipeline(demo_server, demo_root):
+    records = [
+        record("k1", demo_server.url("/img/a.jpg")),
+        record("k2", demo_server.url("/img/b.png")),
+        record("k3", demo_server.url("/img/gone.jpg")),
+        record("k4", None),
+        record("k5", demo_server.url("/noai/img/c.jpg")),
+        record("k6", demo_server.url("/redirect/img/c.jpg")),
+    ]
+    sizes = {n: len(body_of(demo_root, n)) for n in ("a.jpg", "b.png", "c.jpg")}
+    with TestPipeline() as p:
+        out = p | beam.Create(records) | Fetch(FAST, batch_size=4)
+        ok = out.ok | "OkKeys" >> beam.Map(lambda r: (r["key"], len(r["_body"]), r["caption"]))
+        rejects = out[REJECTS] | "RejectKeys" >> beam.Map(
+            lambda r: (r["key"], r["stage"], r["reason"])
+        )
+        assert_that(
+            ok,
+            equal_to(
+                [
+                    ("k1", sizes["a.jpg"], "caption k1"),
+                    ("k2", sizes["b.png"], "caption k2"),
+                    ("k6", sizes["c.jpg"], "caption k6"),
+                ]
+            ),
+            label="ok",
+        )
+        assert_that(
+            rejects,
+            equal_to(
+                [
+                    ("k3", "fetch", "http_404"),
+                    ("k4", "fetch", "missing_url"),
+                    ("k5", "fetch", "robots_noai"),
+                ]
+            ),
+            label="rejects",
+        )
