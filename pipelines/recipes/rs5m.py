@@ -67,8 +67,10 @@ class RS5MOptions(PipelineOptions):
         g.add_argument("--timeout", type=float,
                        help="seconds per request (default 10; 3 on the demo world)")
         g.add_argument("--retries", type=int, default=2)
-        g.add_argument("--max_bytes", type=int, default=20 * 2**20)
-        g.add_argument("--user_agent", default=FetchConfig.user_agent)
+        g.add_argument("--max_bytes", type=int,
+                       help="byte cap per image (default 20 MiB; 2 MiB on the demo world)")
+        g.add_argument("--fetch_user_agent", default=FetchConfig.user_agent,
+                       help="the User-Agent header of our requests")
         g.add_argument("--respect_noai", type=_bool, default=True)
         g.add_argument("--thread_count", type=int, default=64,
                        help="requests in flight per worker")
@@ -107,6 +109,7 @@ def resolve(opts: RS5MOptions) -> dict[str, Any]:
         cfg["rs_probe"] = cfg.get("rs_probe") or join(demo, "models", "rs_probe.json")
     # the demo's slow rows sleep 5 s: give up well before that
     cfg["timeout"] = cfg.get("timeout") or (3.0 if demo else 10.0)
+    cfg["max_bytes"] = cfg.get("max_bytes") or (2 * 2**20 if demo else 20 * 2**20)
     if not cfg.get("input"):
         raise SystemExit("rs5m: give --input GLOB (LAION-style parquet) or --demo_world DIR")
     if cfg["rs_filter"] and not (cfg.get("rs_model") and cfg.get("rs_probe")):
@@ -191,7 +194,7 @@ def build(p: beam.Pipeline, cfg: dict[str, Any], runner: str = "DirectRunner"):
         timeout=cfg["timeout"],
         retries=cfg["retries"],
         max_bytes=cfg["max_bytes"],
-        user_agent=cfg["user_agent"],
+        user_agent=cfg["fetch_user_agent"],
         respect_noai=cfg["respect_noai"],
         threads=cfg["thread_count"],
     )
