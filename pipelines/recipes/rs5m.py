@@ -80,7 +80,7 @@ class RS5MOptions(PipelineOptions):
                        choices=["no", "keep_ratio", "center_crop", "border"])
         g.add_argument("--resize_only_if_bigger", type=_bool, default=False)
         g.add_argument("--min_image_size", type=int, default=64)
-        g.add_argument("--max_aspect_ratio", type=float, default=float("inf"))
+        g.add_argument("--max_aspect_ratio", type=float, help="default: no limit")
         g.add_argument("--encode_quality", type=int, default=95)
         g = parser.add_argument_group("dedup")
         g.add_argument("--dedup", type=_bool, default=True,
@@ -154,7 +154,7 @@ def manifest(cfg: dict[str, Any], runner: str) -> dict[str, Any]:
         "recipe": RECIPE,
         "subset": SUBSET,
         "schema_version": schemas.SCHEMA_VERSION,
-        "config": {k: v for k, v in sorted(cfg.items()) if v is not None and v != float("inf")},
+        "config": {k: v for k, v in sorted(cfg.items()) if v is not None},
         "runner": runner,
         "git_revision": git_revision(),
         "python": platform.python_version(),
@@ -204,7 +204,7 @@ def build(p: beam.Pipeline, cfg: dict[str, Any], runner: str = "DirectRunner"):
         resize_mode=cfg["resize_mode"],
         resize_only_if_bigger=cfg["resize_only_if_bigger"],
         min_image_size=cfg["min_image_size"],
-        max_aspect_ratio=cfg["max_aspect_ratio"],
+        max_aspect_ratio=cfg.get("max_aspect_ratio") or float("inf"),
         encode_quality=cfg["encode_quality"],
     )
     decoded = fetched.ok | "Decode" >> beam.ParDo(DecodeDoFn(image_cfg)).with_outputs(

@@ -1,0 +1,278 @@
+"""Load an open_clip model from LOCAL weights only: one entry point for every stage and the trainer.
+
+``load_open_clip(model, pretrained)`` accepts exactly three shapes of input:
+
+* an architecture name + a local checkpoint file::
+
+      load_open_clip("ViT-B-32", "/models/RemoteCLIP-ViT-B-32.pt")
+      load_open_clip("RS-Tiny-ViT", "logs/run/checkpoints/epoch_3.pt")
+
+  The name is one of open_clip's bundled configs or ours in ``pipelines/models/configs/*.json``
+  (registered with ``open_clip.add_model_config`` on import). The checkpoint may be an
+  ``open_clip_train`` ``epoch_N.pt`` (``{"state_dict": ...}``, possibly with a DDP ``module.``
+  prefix), a bare state dict (``.pt``/``.bin``/``.pth``), or a ``.safetensors`` file.
+  ``pretrained=None`` gives a randomly initialised model.
+
+* a local directory in open_clip's HF-hub layout (``open_clip_config.json`` holding
+  ``model_cfg`` + ``preprocess_cfg``, and ``open_clip_model.safetensors`` or
+  ``open_clip_pytorch_model.bin``), given as a plain path or with open_clip's own
+  ``local-dir:`` schema (open_clip >= 3 understands it natively, so the same string works for
+  ``open_clip_train --model local-dir:DIR``)::
+
+      load_open_clip("/models/SkyCLIP-ViT-L-14")          # a `huggingface-cli download` dir
+      load_open_clip("local-dir:data/demo/models/tiny-clip")
+
+* a directory as above + a checkpoint file: the directory supplies the architecture and
+  preprocessing, the file the weights (e.g. a fine-tuned ``epoch_N.pt`` of the tiny model).
+
+Everything else is refused with ``ValueError``: ``hf-hub:`` names, URLs, and ``pretrained``
+tags such as ``"openai"`` or ``"laion2b_s34b_b79k"`` that would make open_clip download. Weights
+are read with ``torch.load(..., weights_only=True)`` (never an arbitrary unpickle) or with
+safetensors.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import open_clip
+import torch
+from open_clip.factory import load_checkpoint
+from open_clip.transform import PreprocessCfg, image_transform_v2
+from PIL import Image
+
+log = logging.getLogger(__name__)
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+LOCAL_DIR_PREFIX = "local-dir:"
+CONFIG_NAME = "open_clip_config.json"
+PRECISIONS = ("fp32", "bf16", "fp16")
+_REMOTE_PREFIXES = ("hf-hub:", "hf://", "http://", "https://", "gs://", "s3://", "ftp://")
+
+_registered = False
+
+
+def register_configs() -> None:
+    """Make ``pipelines/models/configs/*.json`` known to open_clip (idempotent)."""
+    global _registered
+    if not _registered:
+        open_clip.add_model_config(CONFIG_DIR)
+        _registered = True
+
+
+register_configs()
+
+
+def _refuse_remote(what: str, value: str) -> None:
+    low = value.lower()
+    if low.startswith(_REMOTE_PREFIXES) or "://" in low:
+        raise ValueError(
+            f"{what}={value!r} points at a model hub or URL; rs-corpus only loads LOCAL weights. "
+            "Download the model yourself (e.g. `huggingface-cli download ORG/REPO --local-dir DIR`) "
+            "and pass the directory, or an architecture name plus a local checkpoint file."
+        )
+
+
+def resolve_model_dir(model: str) -> Path | None:
+    """The local open_clip model directory ``model`` names, or None if it names an architecture."""
+    path = model[len(LOCAL_DIR_PREFIX):] if model.startswith(LOCAL_DIR_PREFIX) else None
+    if path is None and os.path.isdir(model):
+        path = model
+    if path is None:
+        return None
+    d = Path(path)
+    if not d.is_dir():
+        raise FileNotFoundError(f"model directory not found: {d}")
+    if not (d / CONFIG_NAME).is_file():
+        raise FileNotFoundError(
+            f"{d} is not an open_clip model directory: {CONFIG_NAME} is missing "
+            "(expected the layout of open_clip.push_to_hf_hub / save_for_hf)"
+        )
+    return d
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``None``/"auto" → cuda when available, else cpu; "cuda" without a GPU is an error."""
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device='cuda' was asked for but torch sees no CUDA device")
+    return dev
+
+
+def load_open_clip(
+    model: str,
+    pretrained: str | None = None,
+    device: str | torch.device | None = "cpu",
+    precision: str = "fp32",
+) -> tuple[torch.nn.Module, Callable[[Image.Image], torch.Tensor], Any]:
+    """(model in eval mode on ``device``, eval image preprocess, tokenizer) from local weights.
+
+    See the module docstring for what ``model``/``pretrained`` may be. ``device=None`` picks cuda
+    when available. ``precision``: fp32 | bf16 | fp16 (open_clip's mixed low precision: matmul
+    weights in bf16/fp16, LayerNorms in fp32; feed images in the dtype ``input_dtype`` returns).
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if not isinstance(model, str) or not model:
+        raise ValueError("model must be an open_clip architecture name or a local directory")
+    _refuse_remote("model", model)
+    if pretrained is not None:
+        pretrained = os.fspath(pretrained)
+        _refuse_remote("pretrained", pretrained)
+        if not os.path.isfile(pretrained):
+            raise ValueError(
+                f"pretrained={pretrained!r} is not a local checkpoint file. Pretrained tags "
+                "(e.g. 'openai', 'laion2b_s34b_b79k') are hub downloads and are not supported: "
+                "download the weights and pass the file path."
+            )
+    dev = resolve_device(device)
+    register_configs()
+
+    model_dir = resolve_model_dir(model)
+    common = {
+        "precision": precision,
+        "device": dev,
+        # never fetch default tower weights (timm / HF text towers) from a hub
+        "pretrained_image": False,
+        "pretrained_text": False,
+        "weights_only": True,
+    }
+    if model_dir is not None:
+        oc_name = f"{LOCAL_DIR_PREFIX}{model_dir}"
+        # the directory's own weights unless an explicit checkpoint overrides them
+        net = open_clip.create_model(oc_name, load_weights=pretrained is None, **common)
+        if pretrained is None and _dir_checkpoint(model_dir) is None:
+            log.warning("no weights in %s: the model is randomly initialised", model_dir)
+    else:
+        if model.replace("/", "-") not in open_clip.list_models():
+            raise ValueError(
+                f"unknown model {model!r}: neither a local open_clip model directory nor an "
+                f"architecture name (ours: {sorted(p.stem for p in CONFIG_DIR.glob('*.json'))}; "
+                "open_clip's: open_clip.list_models())"
+            )
+        oc_name = model
+        # pretrained=None here: we load the file ourselves so open_clip never treats it as a tag
+        net = open_clip.create_model(model, pretrained=None, **common)
+    if pretrained is not None:
+        load_checkpoint(net, pretrained, strict=True, weights_only=True, device="cpu")
+        log.info("loaded %s weights from %s", model, pretrained)
+    elif model_dir is None:
+        log.info("%s: randomly initialised (pretrained=None)", model)
+    net.eval()
+
+    preprocess = image_transform_v2(
+        PreprocessCfg(**open_clip.get_model_preprocess_cfg(net)), is_train=False
+    )
+    tokenizer = open_clip.get_tokenizer(oc_name)
+    return net, preprocess, tokenizer
+
+
+def _dir_checkpoint(d: Path) -> Path | None:
+    for pat in ("*.safetensors", "*.bin", "*.pth"):
+        hits = sorted(d.glob(pat))
+        if hits:
+            return hits[0]
+    return None
+
+
+def model_config(model: str) -> dict:
+    """The open_clip ``model_cfg`` of an architecture name or local model directory."""
+    _refuse_remote("model", model)
+    register_configs()
+    d = resolve_model_dir(model)
+    if d is not None:
+        cfg = json.loads((d / CONFIG_NAME).read_text())
+        return cfg.get("model_cfg", cfg)
+    cfg = open_clip.get_model_config(model)
+    if cfg is None:
+        raise ValueError(f"unknown model {model!r}")
+    return cfg
+
+
+def input_dtype(net: torch.nn.Module) -> torch.dtype:
+    """The dtype images must be fed in: that of the image tower's first conv/linear weight."""
+    visual = getattr(net, "visual", net)
+    for m in visual.modules():
+        if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)):
+            return m.weight.dtype
+    return next(visual.parameters()).dtype
+
+
+def model_device(net: torch.nn.Module) -> torch.device:
+    return next(net.parameters()).device
+
+
+def decode_image(data: bytes) -> Image.Image:
+    """JPEG/PNG bytes → RGB PIL image."""
+    import io
+
+    with Image.open(io.BytesIO(data)) as im:
+        return im.convert("RGB")
+
+
+def forward_images(
+    net: torch.nn.Module, x: torch.Tensor, token_stats: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One image-tower pass: (L2-normalised embeddings [B, D], token stats [B, 2C] or None).
+
+    ``token_stats``: the per-channel mean and standard deviation over the spatial grid of the
+    tower's last-layer features (ViT patch tokens after the final LayerNorm, ResNet/timm feature
+    maps), from open_clip's public ``forward_intermediates`` in the same pass that gives the
+    embedding. Thread-safe: the model is never mutated.
+    """
+    if not token_stats:
+        feats = net.encode_image(x)
+        return torch.nn.functional.normalize(feats.float(), dim=-1), None
+    out = net.visual.forward_intermediates(
+        x, indices=1, normalize_intermediates=True, output_fmt="NCHW"
+    )
+    feats = torch.nn.functional.normalize(out["image_features"].float(), dim=-1)
+    grid = out["image_intermediates"][-1].float().flatten(2)  # [B, C, H*W]
+    stats = torch.cat([grid.mean(dim=2), grid.std(dim=2, unbiased=False)], dim=1)
+    return feats, stats
+
+
+@torch.inference_mode()
+def encode_images(
+    net: torch.nn.Module,
+    preprocess: Callable[[Image.Image], torch.Tensor],
+    images: Sequence[Image.Image] | Iterable[Image.Image],
+    batch_size: int = 64,
+    token_stats: bool = False,
+) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+    """float32 [N, embed_dim] L2-normalised image embeddings of PIL ``images``.
+
+    With ``token_stats=True``: (embeddings, float32 [N, 2C] token stats; see forward_images).
+    """
+    dev, dt = model_device(net), input_dtype(net)
+    embs: list[np.ndarray] = []
+    stats: list[np.ndarray] = []
+    batch: list[torch.Tensor] = []
+
+    def flush() -> None:
+        x = torch.stack(batch).to(device=dev, dtype=dt)
+        e, s = forward_images(net, x, token_stats)
+        embs.append(e.cpu().numpy().astype(np.float32))
+        if s is not None:
+            stats.append(s.cpu().numpy().astype(np.float32))
+        batch.clear()
+
+    for im in images:
+        batch.append(preprocess(im))
+        if len(batch) >= batch_size:
+            flush()
+    if batch:
+        flush()
+    if not embs:
+        e0 = np.zeros((0, int(getattr(net.visual, "output_dim", 0))), np.float32)
+        return (e0, np.zeros((0, 0), np.float32)) if token_stats else e0
+    emb = np.concatenate(embs, axis=0)
+    return (emb, np.concatenate(stats, axis=0)) if token_stats else emb
