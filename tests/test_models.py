@@ -14,13 +14,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import hashlib
 import io
 import json
-import pickle
 from pathlib import Path
 
 import apache_beam as beam
 import numpy as np
 import pytest
 import torch
+from apache_beam.internal import pickler
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to, is_not_empty
 from PIL import Image, ImageDraw
@@ -250,7 +250,8 @@ def test_handlers_pickle_and_embed(tiny_clip, probe_path, held_out):
     scorer = RSScorer(None, None, probe_path, device="cpu", batch_size=8)  # model from probe
     embedder = OpenClipImageEmbedder(tiny_clip, device="cpu", batch_size=8)
     for h in (scorer, embedder):
-        assert pickle.loads(pickle.dumps(h)).batch_elements_kwargs() == {
+        # the round trip Beam itself makes when it ships a DoFn to a worker
+        assert pickler.loads(pickler.dumps(h)).batch_elements_kwargs() == {
             "min_batch_size": 1, "max_batch_size": 8}
     batch = [record("a", jpeg(held_out[0][0])), record("g", jpeg(held_out[1][0])),
              record("bad", b"not an image")]
@@ -299,3 +300,17 @@ def test_rs_filter_disabled_keeps_everything():
                     equal_to([("x", None), ("y", None)]), label="kept")
         assert_that(out[REJECTS], equal_to([]), label="no_rejects")
         assert_that(out.records, is_not_empty(), label="not_empty")
+
+
+def test_rs_scores_do_not_depend_on_batch_company(tiny_clip, probe_path):
+    """Byte-identical builds need a record's score to be the same whatever shares its batch."""
+    rng = np.random.default_rng(7)
+    recs = [record(f"k{i}", jpeg(aerial_image(rng) if i % 2 else ground_image(rng)))
+            for i in range(9)]
+    handler = RSScorer(tiny_clip, None, probe_path, device="cpu", batch_size=8)
+    model = handler.load_model()
+    alone = [handler.run_inference([r], model)[0].inference for r in recs[:3]]
+    together = handler.run_inference(recs[:8], model)[:3]
+    for a, t in zip(alone, together, strict=True):
+        assert a.score == t.inference.score
+        assert np.array_equal(a.embedding, t.inference.embedding)

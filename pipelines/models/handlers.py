@@ -154,7 +154,14 @@ class OpenClipImageEmbedder(ModelHandler[Record, PredictionResult, LoadedClip]):
         if tensors:
             with torch.inference_mode():
                 x = torch.stack(tensors).to(device=model.device, dtype=model.dtype)
+                # Always run a full batch: kernels pick their blocking by shape, so a
+                # record's embedding would otherwise depend (in the last bits) on how many
+                # records shared its batch, and outputs would not be byte-identical.
+                n = x.shape[0]
+                if n < self._batch_size:
+                    x = torch.cat([x, x.new_zeros((self._batch_size - n, *x.shape[1:]))])
                 e, s = forward_images(model.model, x, token_stats)
+                e, s = e[:n], (None if s is None else s[:n])
                 e = e.cpu().numpy().astype(np.float32)
                 s = None if s is None else s.cpu().numpy().astype(np.float32)
             for j, i in enumerate(ok):
@@ -231,7 +238,9 @@ class RSScorer(OpenClipImageEmbedder):
                 np.stack([embeddings[i] for i in good]),
                 np.stack([stats[i] for i in good]) if probe.needs_token_stats else None,
             )
-            scores = iter(probe.score(x).tolist())
+            # padded to a full batch for the same reason as in ``embed``
+            pad = np.zeros((max(0, self._batch_size - len(x)), x.shape[1]), dtype=x.dtype)
+            scores = iter(probe.score(np.concatenate([x, pad]))[: len(x)].tolist())
         out = []
         for rec, emb in zip(batch, embeddings, strict=True):
             inf = None if emb is None else RSInference(float(next(scores)), emb)
