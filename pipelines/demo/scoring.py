@@ -97,7 +97,7 @@ def report(output: str, demo_world: str) -> str:
     for case in planted:
         members = [r for r in rows if r["planted"] == case]
         got = sorted({f"{r['outcome']}:{r['got_stage']}/{r['got_reason']}" for r in members})
-        exp = members[0]["expected"]
+        exp = ", ".join(sorted({r["expected"] for r in members}))
         per_case.append([case, len(members), exp, ", ".join(got)])
     bad = mismatches(rows)
     lines = [

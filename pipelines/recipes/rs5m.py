@@ -272,8 +272,11 @@ def run(argv: list[str] | None = None) -> dict[str, Any] | None:
 
 
 def main() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("apache_beam").setLevel(logging.WARNING)
+    logging.basicConfig(level=logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # our progress at INFO; Beam's and open_clip's chatter (root logger) only when it matters
+    for name in ("rs5m", "pipelines"):
+        logging.getLogger(name).setLevel(logging.INFO)
     run(sys.argv[1:])
 
 
