@@ -14,11 +14,18 @@ DEMO_PORT ?= 8707
 INPUT  ?=
 ARGS   ?=
 
-.PHONY: help venv demo build-rs5m stats test perf-ingest clean
+# make train / make bench
+DATA       ?= out/rs5m
+NPROC      ?= 1
+CHECKPOINT ?= out/train/checkpoints/latest.pt
+
+.PHONY: help venv demo build-rs5m stats train bench test perf perf-ingest perf-dedup perf-train clean
 
 help:
 	@echo "make build-rs5m RUNNER=DirectRunner [INPUT=glob] [OUTPUT=dir] [ARGS='...']"
 	@echo "make stats OUTPUT=dir      per-source stage table of a build (DuckDB)"
+	@echo "make train [DATA=out/rs5m] [OUTPUT=out/train] [NPROC=1] [ARGS='...']"
+	@echo "make bench [CHECKPOINT=out/train/checkpoints/latest.pt] [OUTPUT=out/bench] [ARGS='...']"
 	@echo "make test                  the test suite"
 	@echo "make perf-ingest           fetch+resize+shard throughput vs img2dataset"
 	@echo "make demo                  (re)generate the demo world and tiny models in $(DEMO)"
@@ -46,14 +53,31 @@ else
 	$(PY) -m pipelines.recipes.rs5m --runner $(RUNNER) --input '$(INPUT)' --output $(OUTPUT) $(ARGS)
 endif
 
+train: OUTPUT = out/train
+train: $(STAMP)
+	$(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC) -m trainer.train \
+	  --data $(DATA) --output $(OUTPUT) $(ARGS)
+
+bench: OUTPUT = out/bench
+bench: $(STAMP)
+	$(PY) -m trainer.bench --checkpoint $(CHECKPOINT) --output $(OUTPUT) $(ARGS)
+
 stats: $(STAMP)
 	$(PY) -m pipelines.stats $(OUTPUT)
 
 test: $(STAMP)
 	$(PY) -m pytest -q $(ARGS)
 
+perf: perf-ingest perf-dedup perf-train
+
 perf-ingest: $(STAMP)
 	$(PY) -m pipelines.perf.ingest $(ARGS)
+
+perf-dedup: $(STAMP)
+	$(PY) -m pipelines.perf.dedup $(ARGS)
+
+perf-train: $(STAMP)
+	$(PY) -m trainer.perf $(ARGS)
 
 clean:
 	rm -rf out data
