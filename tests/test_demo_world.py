@@ -191,7 +191,7 @@ def test_row_mix(gt):
 
 
 def test_captions_against_the_rs5m_keyword_filter(gt):
-    kw = pytest.importorskip("pipelines.stages.keywords")
+    from pipelines.stages import keywords as kw
     f = kw.KeywordFilter.load()
     for r in gt:
         cap = r["caption"]
@@ -244,7 +244,7 @@ def test_scene_captions_name_the_class_and_state_true_counts(cls):
 
 
 def test_everyday_captions_have_no_rs_terms_and_look_like_photos():
-    kw = pytest.importorskip("pipelines.stages.keywords")
+    from pipelines.stages import keywords as kw
     f = kw.KeywordFilter.load()
     ratios = {"aerial": [], "everyday": []}
     for i in range(27):
@@ -435,18 +435,21 @@ def test_cli_build_if_missing_keeps_a_current_world(worlds, monkeypatch):
     world, _, port, _ = worlds
     assert cli.world_is_current(world, 3, f"http://127.0.0.1:{port}", SMALL)
     assert not cli.world_is_current(world, 4, f"http://127.0.0.1:{port}", SMALL)
-    monkeypatch.setattr(cli, "_tiny_models", lambda: None)
+    from pipelines.demo import tiny_models
+
+    models = []
+    monkeypatch.setattr(tiny_models, "build_tiny_models", lambda *a, **k: models.append(a))
     calls = []
     monkeypatch.setattr(pub11, "build_pub11", lambda *a, **k: calls.append(a))
     before = os.path.getmtime(os.path.join(world, "world.json"))
     rc = cli.main(["build", "--out", world, "--port", str(port), "--seed", "3", "--if-missing",
                    "--n-rs", "10", "--n-non-rs", "9", "--n-probe", "4"])
     assert rc == 0 and calls == []
+    assert models == [(os.path.join(world, "models"), 3)]  # no models yet: built
     assert os.path.getmtime(os.path.join(world, "world.json")) == before
 
 
 def test_cli_serve_runs_the_command_and_returns_its_exit_code(worlds):
-    pytest.importorskip("pipelines.demo.server")
     from pipelines.demo import __main__ as cli
 
     world, _, port, _ = worlds
@@ -460,7 +463,6 @@ def test_cli_serve_runs_the_command_and_returns_its_exit_code(worlds):
 
 
 def test_cli_serve_port_in_use(worlds, caplog):
-    pytest.importorskip("pipelines.demo.server")
     from pipelines.demo import __main__ as cli
 
     world, _, port, _ = worlds
@@ -470,3 +472,11 @@ def test_cli_serve_port_in_use(worlds, caplog):
         s.listen(1)
         assert cli.main(["serve", "--out", world, "--port", str(port), "--", "true"]) == 2
     assert "already in use" in caplog.text
+
+
+def test_cli_knows_the_names_tiny_models_writes():
+    from pipelines.demo import __main__ as cli
+    from pipelines.demo import tiny_models
+
+    assert (cli.TINY_CLIP_DIR, cli.RS_PROBE_FILE) == (
+        tiny_models.TINY_CLIP_DIR, tiny_models.RS_PROBE_FILE)

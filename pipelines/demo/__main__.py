@@ -58,18 +58,14 @@ def world_is_current(out: str, seed: int, base_url: str, params: dict[str, int])
     )
 
 
-def _tiny_models() -> Any | None:
-    try:
-        from pipelines.demo import tiny_models
-    except ImportError as e:
-        log.warning("pipelines.demo.tiny_models is not available (%s): no tiny models built", e)
-        return None
-    return tiny_models
+# the names pipelines.demo.tiny_models writes (importing it would import torch)
+TINY_CLIP_DIR = "tiny-clip"
+RS_PROBE_FILE = "rs_probe.json"
 
 
-def _models_present(models_dir: str, tm: Any) -> bool:
-    clip = os.path.join(models_dir, getattr(tm, "TINY_CLIP_DIR", "tiny-clip"))
-    probe = os.path.join(models_dir, getattr(tm, "RS_PROBE_FILE", "rs_probe.json"))
+def _models_present(models_dir: str) -> bool:
+    clip = os.path.join(models_dir, TINY_CLIP_DIR)
+    probe = os.path.join(models_dir, RS_PROBE_FILE)
     return os.path.isdir(clip) and bool(os.listdir(clip)) and os.path.isfile(probe)
 
 
@@ -94,16 +90,13 @@ def cmd_build(args: argparse.Namespace) -> int:
               f"{sum(summary['planted'].values())} rows; image files: {summary['image_files']}")
         print(f"  probe: {summary['probe']}")
     models_dir = os.path.join(out, "models")
-    if fresh and _models_present(models_dir, None):  # (no torch import when nothing to do)
+    if fresh and _models_present(models_dir):
         log.info("tiny models in %s are present: kept", models_dir)
         return 0
-    tm = _tiny_models()
-    if tm is not None:
-        if fresh and _models_present(models_dir, tm):
-            log.info("tiny models in %s are present: kept", models_dir)
-        else:
-            paths = tm.build_tiny_models(models_dir, args.seed)
-            print(f"  models: {paths}")
+    from pipelines.demo.tiny_models import build_tiny_models  # torch: only when needed
+
+    paths = build_tiny_models(models_dir, args.seed)
+    print(f"  models: {paths}")
     return 0
 
 
