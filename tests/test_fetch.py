@@ -382,3 +382,17 @@ def test_fetch_transform_in_a_pipeline(demo_server, demo_root):
             ),
             label="rejects",
         )
+
+
+def test_progress_logs_counts_and_rate(caplog):
+    import logging
+
+    from pipelines.progress import Progress
+
+    p = Progress("fetch", every=0.0)
+    with caplog.at_level(logging.INFO, logger="pipelines.progress"):
+        p.add("ok")
+        p.add("http_404")
+        p.add("ok")
+    assert "fetch: 3 done" in caplog.records[-1].getMessage()
+    assert "ok 2, http_404 1" in caplog.records[-1].getMessage()

@@ -37,6 +37,7 @@ import urllib3.exceptions
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
+from pipelines.progress import Progress
 from pipelines.records import REJECTS, Reject, reject_row
 
 log = logging.getLogger(__name__)
@@ -394,6 +395,7 @@ class FetchDoFn(beam.DoFn):
     def setup(self) -> None:
         self._fetcher = Fetcher(self.cfg)
         self._bytes = beam.metrics.Metrics.distribution(STAGE, "bytes")
+        self._progress = Progress(STAGE)
 
     def teardown(self) -> None:
         if self._fetcher is not None:
@@ -414,6 +416,7 @@ class FetchDoFn(beam.DoFn):
         outcomes = self._fetcher.fetch_many([r.get("url") for r in records])
         for record, outcome in zip(records, outcomes, strict=True):
             self._count(outcome_name(outcome))
+            self._progress.add(outcome_name(outcome))
             if isinstance(outcome, Reject):
                 yield beam.pvalue.TaggedOutput(REJECTS, reject_row(record, outcome))
             else:
