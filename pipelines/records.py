@@ -35,14 +35,15 @@ class Reject:
     score: float | None = None
 
 
+def provenance(record: dict[str, Any]) -> dict[str, Any]:
+    """The columns every output row carries to say where the record came from."""
+    return {k: record.get(k) for k in ("key", "subset", "source", "source_id", "url")}
+
+
 def reject_row(record: dict[str, Any], rej: Reject) -> dict[str, Any]:
     """The ``rejects/`` row for ``record`` rejected by ``rej`` (see schemas.REJECT_SCHEMA)."""
     return {
-        "key": record["key"],
-        "subset": record["subset"],
-        "source": record["source"],
-        "source_id": record["source_id"],
-        "url": record.get("url"),
+        **provenance(record),
         "caption": record.get("caption"),
         "stage": rej.stage,
         "reason": rej.reason,
@@ -56,11 +57,7 @@ def duplicate_row(
 ) -> dict[str, Any]:
     """The ``duplicates/`` row for ``record`` (see schemas.DUPLICATE_SCHEMA)."""
     return {
-        "key": record["key"],
-        "subset": record["subset"],
-        "source": record["source"],
-        "source_id": record["source_id"],
-        "url": record.get("url"),
+        **provenance(record),
         "stage": stage,
         "duplicate_of": duplicate_of,
         "method": method,
