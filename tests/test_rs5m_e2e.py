@@ -129,6 +129,22 @@ def test_dataflow_translation_dry_run(world, tmp_path):
     assert result is None  # translated, not submitted
 
 
+def test_dataflow_translation_dry_run_with_every_new_stage(world, tmp_path):
+    root, _ = world
+    bench = tmp_path / "bench" / "c0"
+    bench.mkdir(parents=True)
+    src = min((root / "www" / "img").glob("*.jpg"))
+    (bench / "x.jpg").write_bytes(src.read_bytes())
+    result = rs5m.run([
+        "--runner=DataflowRunner", "--dry_run=True", "--project=rs-corpus-test",
+        "--region=us-central1", "--temp_location=gs://rs-corpus-test/tmp",
+        "--demo_world", str(root), "--output", "gs://rs-corpus-test/out",
+        "--semdedup=true", "--clip_top_percent=50", "--clip_threshold=-1",
+        "--embeddings_dir=gs://rs-corpus-test/emb", f"--decontam=b={bench.parent}",
+    ])
+    assert result is None
+
+
 def test_portable_runner_loopback_end_to_end(world, build, tmp_path):
     root, _ = world
     out, _ = build
@@ -163,3 +179,62 @@ def test_open_clip_train_trains_on_the_shards(world, build, tmp_path):
     log = (tmp_path / "logs" / "smoke" / "out.log").read_text()
     assert "Train Epoch: 0" in log and "Contrastive_loss" in log
     assert (tmp_path / "logs" / "smoke" / "checkpoints" / "epoch_1.pt").exists()
+
+
+def test_embeddings_semantic_dedup_and_decontamination(world, build, tmp_path, capsys):
+    """Issue 3 end to end: planted benchmark copies are rejected under their benchmark, the
+    embeddings folder matches the shards row for row, and the accounting still holds."""
+    import io
+    import shutil
+
+    from PIL import Image
+
+    from pipelines.sinks.embeddings import load_embeddings
+
+    root, _ = world
+    out, first = build
+    index = pq.read_table(str(out / "index")).to_pylist()
+    picks = sorted((r for r in index if "/img/" in r["url"]), key=lambda r: r["key"])[:4]
+    files = [root / "www" / "img" / r["url"].split("/img/")[-1] for r in picks]
+    cls = tmp_path / "bench" / "scenes"
+    for i, f in enumerate(files[:3]):
+        (cls / f"class{i}").mkdir(parents=True)
+    shutil.copy(files[0], cls / "class0" / "a.jpg")  # exact copy
+    shutil.copy(files[1], cls / "class1" / "b.jpg")
+    buf = io.BytesIO()  # an altered (re-encoded, resized) copy
+    im = Image.open(files[2]).convert("RGB")
+    im.resize((im.width * 3 // 4, im.height * 3 // 4)).save(buf, "JPEG", quality=60)
+    (cls / "class2" / "c.jpg").write_bytes(buf.getvalue())
+    ret = tmp_path / "bench" / "captions"
+    (ret / "images").mkdir(parents=True)
+    shutil.copy(files[3], ret / "images" / "d.jpg")
+    (ret / "dataset_caps.json").write_text(json.dumps(
+        {"images": [{"filename": "d.jpg", "split": "test", "sentences": [{"raw": "x"}]}]}))
+
+    b2 = tmp_path / "b2"
+    capsys.readouterr()
+    stats = run_build(root, b2, "--semdedup=true", "--write_embeddings=true",
+                      "--decontam", f"scenes={cls}", "--decontam", f"caps={ret}")
+    printed = capsys.readouterr().out
+    assert stats["input"] == stats["kept"] + stats["rejected"] + stats["duplicates"]
+    assert stats["input"] == first["input"]
+    rejects = [r for r in pq.read_table(str(b2 / "rejects")).to_pylist()
+               if r["stage"] == "decontam"]
+    got = {r["key"]: r["detail"] for r in rejects}
+    assert set(got) == {r["key"] for r in picks}, got
+    assert got[picks[0]["key"]].startswith("scenes: class0/a.jpg (")
+    assert got[picks[2]["key"]].startswith("scenes: class2/c.jpg (")
+    assert got[picks[3]["key"]].startswith("caps: d.jpg (")
+    assert all(r["reason"] == "benchmark_overlap" for r in rejects)
+    assert "Decontamination" in printed and "scenes" in printed and "caps" in printed
+    # every kept row has a clip_score; the embeddings folder is aligned with the shards
+    index2 = []
+    for f in sorted(glob.glob(str(b2 / "index" / "pub11-*.parquet"))):
+        index2 += pq.read_table(f).to_pylist()
+    assert len(index2) == stats["kept"] and all(r["clip_score"] is not None for r in index2)
+    img, txt, meta = load_embeddings(str(b2 / "embeddings"))
+    assert img.shape[0] == txt.shape[0] == meta.num_rows == stats["kept"]
+    assert meta["key"].to_pylist() == [r["key"] for r in index2]
+    assert meta["shard"].to_pylist() == [r["shard"] for r in index2]
+    dups = pq.read_table(str(b2 / "duplicates")).to_pylist()
+    assert all(d["similarity"] >= 0.9998 - 1e-6 for d in dups if d["method"] == "semantic")

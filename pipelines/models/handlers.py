@@ -64,6 +64,7 @@ class LoadedClip:
     device: torch.device
     dtype: torch.dtype
     probe: Any = None  # RSProbe for RSScorer
+    tokenizer: Any = None  # open_clip tokenizer for OpenClipImageTextEmbedder
 
 
 class OpenClipImageEmbedder(ModelHandler[Record, PredictionResult, LoadedClip]):
@@ -244,5 +245,66 @@ class RSScorer(OpenClipImageEmbedder):
         out = []
         for rec, emb in zip(batch, embeddings, strict=True):
             inf = None if emb is None else RSInference(float(next(scores)), emb)
+            out.append(PredictionResult(example=rec, inference=inf, model_id=self._model))
+        return out
+
+
+class ClipInference(NamedTuple):
+    """``OpenClipImageTextEmbedder``'s inference for one record."""
+
+    image: np.ndarray  # float32 [embed_dim], L2-normalised
+    text: np.ndarray  # float32 [embed_dim], L2-normalised
+    score: float  # cosine of the two: the record's clip_score
+
+
+class OpenClipImageTextEmbedder(OpenClipImageEmbedder):
+    """Records with ``_image`` bytes and a caption → ``ClipInference(image, text, score)``.
+
+    Same arguments as ``OpenClipImageEmbedder`` plus ``text_field`` (default ``caption``).
+    Text, like images, always runs as a full ``batch_size`` batch (padded with empty
+    captions), so a record's embeddings never depend on which records shared its batch.
+    """
+
+    metrics_namespace = "rs_corpus.open_clip_image_text"
+
+    def __init__(self, *args: Any, text_field: str = "caption", **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._text_field = text_field
+
+    def load_model(self) -> LoadedClip:
+        dev = resolve_device(self._device)
+        net, preprocess, tokenizer = load_open_clip(
+            self._model, self._pretrained, device=dev, precision=self._precision
+        )
+        log.info("%s: loaded %s (%s) on %s", type(self).__name__, self._model,
+                 self._pretrained or "own weights", dev)
+        return LoadedClip(net, preprocess, dev, input_dtype(net), tokenizer=tokenizer)
+
+    def embed_text(self, texts: Sequence[str], model: LoadedClip) -> np.ndarray:
+        """float32 [len(texts), D] L2-normalised caption embeddings (full, padded batches)."""
+        out = []
+        for s in range(0, len(texts), self._batch_size):
+            chunk = list(texts[s : s + self._batch_size])
+            n = len(chunk)
+            tokens = model.tokenizer(chunk + [""] * (self._batch_size - n))
+            with torch.inference_mode():
+                t = model.model.encode_text(tokens.to(model.device))
+                t = torch.nn.functional.normalize(t.float(), dim=-1)[:n]
+            out.append(t.cpu().numpy().astype(np.float32))
+        return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+
+    def run_inference(
+        self,
+        batch: Sequence[Record],
+        model: LoadedClip,
+        inference_args: dict[str, Any] | None = None,
+    ) -> Iterable[PredictionResult]:
+        images, _ = self.embed(batch, model)
+        texts = self.embed_text([str(r.get(self._text_field) or "") for r in batch], model)
+        out = []
+        for rec, img, txt in zip(batch, images, texts, strict=True):
+            inf = None
+            if img is not None:
+                inf = ClipInference(img, txt.copy(), float(np.dot(img, txt)))
             out.append(PredictionResult(example=rec, inference=inf, model_id=self._model))
         return out

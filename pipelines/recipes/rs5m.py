@@ -1,7 +1,13 @@
 """RS5M, PUB11 subset: remote-sensing pairs mined from LAION-style web parquet.
 
     read parquet → keyword filter → URL dedup → fetch → decode/normalise → content dedup
-    (sha256 + pHash) → RS-image filter (CLIP linear probe, RunInference) → shards
+    (sha256 + pHash) → RS-image filter (CLIP linear probe, RunInference) → CLIP embeddings
+    (image + caption, clip_score; RunInference) → CLIP-score filter → test-set decontamination
+    → semantic dedup (SemDeDup) → shards (+ the clip-retrieval embeddings folder, if asked)
+
+Decontamination runs before semantic dedup so that no ``duplicates/`` row points at a sample
+removed later. Defaults: embeddings and ``clip_score`` on (cheap with the demo's tiny model);
+CLIP-score filter, semantic dedup and decontamination off until their flags are given.
 
 Every input row ends in exactly one of shards/, rejects/ or duplicates/, and the build fails
 unless ``input == kept + rejected + duplicates``. Run ``python -m pipelines.recipes.rs5m
@@ -28,11 +34,15 @@ import schemas
 from pipelines.records import DUPLICATES, REJECTS, reject_row
 from pipelines.sinks.shards import WriteBuild, join
 from pipelines.sources.laion import ColumnMap, ReadLaionParquet
-from pipelines.stages.dedup import DedupByContent, DedupByUrl
+from pipelines.stages.clip_filter import ClipScoreFilter
+from pipelines.stages.decontam import Decontaminate, parse_specs
+from pipelines.stages.dedup import DEFAULT_MAX_HAMMING, DedupByContent, DedupByUrl
+from pipelines.stages.embed import Embed
 from pipelines.stages.fetch import Fetch, FetchConfig
 from pipelines.stages.images import DecodeDoFn, ImageConfig
 from pipelines.stages.keywords import KeywordFilter
 from pipelines.stages.rs_filter import RSFilter
+from pipelines.stages.semdedup import SemanticDedup, SemDedupConfig
 
 log = logging.getLogger("rs5m")
 
@@ -85,7 +95,7 @@ class RS5MOptions(PipelineOptions):
         g = parser.add_argument_group("dedup")
         g.add_argument("--dedup", type=_bool, default=True,
                        help="exact (sha256) + near-exact (pHash) dedup across the corpus")
-        g.add_argument("--phash_hamming", type=int, default=6,
+        g.add_argument("--phash_hamming", type=int, default=DEFAULT_MAX_HAMMING,
                        help="max pHash Hamming distance of two copies of one image")
         g = parser.add_argument_group("RS-image filter")
         g.add_argument("--rs_filter", type=_bool, default=True)
@@ -95,6 +105,42 @@ class RS5MOptions(PipelineOptions):
                        " train` (default: the demo world's)")
         g.add_argument("--rs_threshold", type=float, help="default: the probe's threshold")
         g.add_argument("--device", help="cuda or cpu (default: cuda when present)")
+        g = parser.add_argument_group("CLIP embeddings (image + caption, clip_score)")
+        g.add_argument("--embed", type=_bool, default=True,
+                       help="embed images and captions; puts clip_score on every row")
+        g.add_argument("--clip_model", help="open_clip architecture or local model directory "
+                       "(default: --rs_model)")
+        g.add_argument("--clip_pretrained", help="local checkpoint for --clip_model")
+        g.add_argument("--clip_precision", default="fp32", choices=["fp32", "bf16", "fp16"],
+                       help="bf16/fp16 are for GPU workers")
+        g.add_argument("--clip_batch_size", type=int, default=32)
+        g.add_argument("--embeddings_dir", help="write clip-retrieval's embeddings folder here")
+        g.add_argument("--write_embeddings", type=_bool, default=False,
+                       help="write the embeddings folder to OUTPUT/embeddings")
+        g = parser.add_argument_group("CLIP-score filter")
+        g.add_argument("--clip_threshold", type=float,
+                       help="reject clip_score below this (LAION: 0.28 with ViT-B/32)")
+        g.add_argument("--clip_top_percent", type=float,
+                       help="keep the top P%% per source by clip_score (DataComp/SkyScript)")
+        g = parser.add_argument_group("semantic dedup (SemDeDup)")
+        g.add_argument("--semdedup", type=_bool, default=False)
+        g.add_argument("--semdedup_eps", type=float,
+                       help="drop cosine >= 1 - eps (default 0.05; 0.0002 on the demo world, "
+                       "whose random-weight model puts distinct images at cosine 0.999+)")
+        g.add_argument("--semdedup_cluster_size", type=int, default=1000)
+        g.add_argument("--semdedup_max_cluster", type=int, default=5000)
+        g.add_argument("--semdedup_sample", type=int, default=50_000)
+        g.add_argument("--semdedup_margin", type=float, default=0.1)
+        g.add_argument("--semdedup_seed", type=int, default=0)
+        g = parser.add_argument_group("test-set decontamination")
+        g.add_argument("--decontam", action="append",
+                       help="benchmark as name=path (class folders, or caption JSON[::images]); "
+                       "repeat or comma-separate")
+        g.add_argument("--decontam_hamming", type=int, default=4,
+                       help="max pHash Hamming distance to a benchmark image")
+        g.add_argument("--decontam_cosine", type=float,
+                       help="min embedding cosine to a benchmark image (default 0.95; 0.9998 "
+                       "on the demo world; needs --embed)")
         g = parser.add_argument_group("sink")
         g.add_argument("--samples_per_shard", type=int, default=10_000)
 
@@ -110,6 +156,21 @@ def resolve(opts: RS5MOptions) -> dict[str, Any]:
     # the demo's slow rows sleep 5 s: give up well before that
     cfg["timeout"] = cfg.get("timeout") or (3.0 if demo else 10.0)
     cfg["max_bytes"] = cfg.get("max_bytes") or (2 * 2**20 if demo else 20 * 2**20)
+    cfg["clip_model"] = cfg.get("clip_model") or cfg.get("rs_model")
+    if cfg.get("clip_model") == cfg.get("rs_model") and not cfg.get("clip_pretrained"):
+        cfg["clip_pretrained"] = cfg.get("rs_pretrained")
+    if cfg.get("semdedup_eps") is None:
+        cfg["semdedup_eps"] = 0.0002 if demo else 0.05
+    if cfg.get("decontam_cosine") is None:
+        cfg["decontam_cosine"] = 0.9998 if demo else 0.95
+    if cfg.get("write_embeddings") and not cfg.get("embeddings_dir"):
+        cfg["embeddings_dir"] = join(cfg["output"], "embeddings")
+    needs_embed = [f for f in ("clip_threshold", "clip_top_percent", "embeddings_dir")
+                   if cfg.get(f) is not None] + (["semdedup"] if cfg.get("semdedup") else [])
+    if cfg["embed"] and not cfg.get("clip_model"):
+        raise SystemExit("rs5m: --embed needs --clip_model (or --rs_model), or --embed=false")
+    if needs_embed and not cfg["embed"]:
+        raise SystemExit(f"rs5m: {', '.join('--' + f for f in needs_embed)} need --embed")
     if not cfg.get("input"):
         raise SystemExit("rs5m: give --input GLOB (LAION-style parquet) or --demo_world DIR")
     if cfg["rs_filter"] and not (cfg.get("rs_model") and cfg.get("rs_probe")):
@@ -219,13 +280,57 @@ def build(p: beam.Pipeline, cfg: dict[str, Any], runner: str = "DirectRunner"):
         device=cfg.get("device"),
         enabled=cfg["rs_filter"],
     )
+    embedded = rs.records | "Embed" >> Embed(
+        cfg.get("clip_model"), cfg.get("clip_pretrained"), device=cfg.get("device"),
+        precision=cfg["clip_precision"], batch_size=cfg["clip_batch_size"],
+        enabled=cfg["embed"],
+    )
+    stage_rejects = [embedded[REJECTS]]
+    records = embedded.records
+    if cfg.get("clip_threshold") is not None or cfg.get("clip_top_percent") is not None:
+        scored = records | "ClipFilter" >> ClipScoreFilter(cfg.get("clip_threshold"),
+                                                          cfg.get("clip_top_percent"))
+        records = scored["records"]
+        stage_rejects.append(scored[REJECTS])
+    specs = parse_specs(cfg.get("decontam"))
+    if specs:
+        from pipelines.models.handlers import OpenClipImageEmbedder
+
+        embedder = None
+        if cfg["embed"]:
+            embedder = OpenClipImageEmbedder(cfg["clip_model"], cfg.get("clip_pretrained"),
+                                             device=cfg.get("device"),
+                                             precision=cfg["clip_precision"],
+                                             batch_size=cfg["clip_batch_size"])
+        clean = records | "Decontaminate" >> Decontaminate(
+            specs, image_cfg, embedder, max_hamming=cfg["decontam_hamming"],
+            min_cosine=cfg["decontam_cosine"],
+        )
+        records = clean["records"]
+        stage_rejects.append(clean[REJECTS])
+    sem = records | "SemanticDedup" >> SemanticDedup(
+        SemDedupConfig(eps=cfg["semdedup_eps"], cluster_size=cfg["semdedup_cluster_size"],
+                       max_cluster=cfg["semdedup_max_cluster"],
+                       sample_size=cfg["semdedup_sample"], margin=cfg["semdedup_margin"],
+                       seed=cfg["semdedup_seed"]),
+        enabled=cfg["semdedup"],
+    )
+    kept = sem["records"]
+    if cfg.get("embeddings_dir"):
+        from pipelines.sinks.embeddings import WriteEmbeddings
+
+        _ = kept | "Embeddings" >> WriteEmbeddings(cfg["embeddings_dir"], SUBSET,
+                                                   cfg["samples_per_shard"])
     rejects = (
-        read[REJECTS], keyword[REJECTS], fetched[REJECTS], decoded[REJECTS], rs[REJECTS]
+        read[REJECTS], keyword[REJECTS], fetched[REJECTS], decoded[REJECTS], rs[REJECTS],
+        *stage_rejects,
     ) | "AllRejects" >> beam.Flatten()
-    duplicates = (by_url[DUPLICATES], unique[DUPLICATES]) | "AllDuplicates" >> beam.Flatten()
+    duplicates = (
+        by_url[DUPLICATES], unique[DUPLICATES], sem[DUPLICATES]
+    ) | "AllDuplicates" >> beam.Flatten()
     return {
         "inputs": inputs,
-        "kept": rs.records,
+        "kept": kept,
         "rejects": rejects,
         "duplicates": duplicates,
     } | "Write" >> WriteBuild(
@@ -233,7 +338,7 @@ def build(p: beam.Pipeline, cfg: dict[str, Any], runner: str = "DirectRunner"):
     )
 
 
-def clear_previous(output: str) -> None:
+def clear_previous(output: str, embeddings_dir: str | None = None) -> None:
     """Remove the files of an earlier build of this subset so none survives as stale."""
     patterns = [join(output, d, f"{SUBSET}-*") for d in ("shards", "index", "rejects",
                                                          "duplicates")]
@@ -242,6 +347,10 @@ def clear_previous(output: str) -> None:
         found = [m.path for m in FileSystems.match([pat])[0].metadata_list]
         if found:
             FileSystems.delete(found)
+    if embeddings_dir:
+        from pipelines.sinks.embeddings import clear
+
+        clear(embeddings_dir)
 
 
 def run(argv: list[str] | None = None) -> dict[str, Any] | None:
@@ -252,7 +361,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any] | None:
     runner = opts.view_as(StandardOptions).runner or "DirectRunner"
     dry_run = opts.get_all_options().get("dry_run")
     if not dry_run:
-        clear_previous(cfg["output"])
+        clear_previous(cfg["output"], cfg.get("embeddings_dir"))
     log.info("rs5m/pub11: %s → %s on %s", cfg["input"], cfg["output"], runner)
     with beam.Pipeline(options=opts) as p:
         build(p, cfg, runner)
@@ -264,6 +373,10 @@ def run(argv: list[str] | None = None) -> dict[str, Any] | None:
     from pipelines import stats as stats_report
 
     print(stats_report.report(cfg["output"]))
+    if cfg.get("decontam"):
+        from pipelines.stages import decontam
+
+        print(decontam.report(cfg["output"], parse_specs(cfg["decontam"])))
     if cfg.get("demo_world"):
         from pipelines.demo import scoring
 

@@ -30,6 +30,10 @@ import apache_beam as beam
 
 from pipelines.records import DUPLICATES, duplicate_row
 
+#: the pHash Hamming distance up to which two images are copies of one another: re-encodes and
+#: resizes land at 0-2 bits, distinct demo scenes at 12+ and distinct web photos far more
+DEFAULT_MAX_HAMMING = 4
+
 #: a band group larger than this is compared only between neighbours in sorted order, so one
 #: degenerate hash value (blank images) cannot make a worker compare millions of pairs
 MAX_BUCKET = 2000
@@ -167,7 +171,7 @@ class _UnionFind(beam.CombineFn):
 class DedupByContent(beam.PTransform):
     """Records with sha256/phash → unique records (main) and ``duplicates``."""
 
-    def __init__(self, max_hamming: int = 4, enabled: bool = True):
+    def __init__(self, max_hamming: int = DEFAULT_MAX_HAMMING, enabled: bool = True):
         super().__init__()
         self.max_hamming = max_hamming
         self.enabled = enabled

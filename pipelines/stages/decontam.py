@@ -1,0 +1,293 @@
+"""Test-set decontamination: drop training samples that show a benchmark's image.
+
+Benchmarks are given as ``name=path`` (``--decontam``, repeatable or comma-separated):
+
+* a **classification set**, class-per-folder: ``path/<class>/<image>`` (EuroSAT, RESISC45, AID,
+  UCM as distributed);
+* a **retrieval set**: a caption JSON (Karpathy-style ``{"images": [{"filename", "sentences",
+  ...}]}`` as RSICD/RSITMD/UCM-captions ship, or a plain list of ``{"image"|"filename": ...}``)
+  with its image folder: ``name=captions.json`` (images looked up beside it, then in
+  ``images/``/``imgs/``), or ``name=captions.json::image_dir``, or a folder holding one JSON.
+
+Every benchmark image goes through the same ``normalise_image`` as training images (so hashes
+and embeddings are comparable), gets a pHash and, when an embedding model is configured, an
+image embedding from the same model the training side uses. A training record matches when
+its pHash is within ``max_hamming`` bits of a benchmark image's (RemoteCLIP's rule, Hamming
+< 2, is ``max_hamming=1``), or its embedding's cosine is ≥ ``min_cosine``. pHash is checked
+first; the reported match is the closest benchmark image (lowest Hamming, then highest cosine,
+then benchmark name and path).
+
+Rejects: stage ``decontam``, reason ``benchmark_overlap``, detail ``"<benchmark>: <image>
+(phash hamming H)"`` or ``"... (cosine C)"``, ``score`` = 1 − H/64 or C.
+``report(output)`` prints the per-benchmark table of what was removed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import posixpath
+from collections.abc import Sequence
+from typing import Any
+
+import apache_beam as beam
+import numpy as np
+from apache_beam.io.filesystems import FileSystems
+
+from pipelines.records import REJECTS, Reject, reject_row
+
+STAGE = "decontam"
+OVERLAP = "benchmark_overlap"
+MAIN = "records"
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp", ".gif")
+
+
+def parse_specs(specs: Sequence[str] | str | None) -> list[tuple[str, str]]:
+    """``["eurosat=/d/EuroSAT", "rsicd=/d/rsicd.json"]`` (or comma-joined) → [(name, path)]."""
+    if not specs:
+        return []
+    if isinstance(specs, str):
+        specs = [specs]
+    out = []
+    for item in (s for spec in specs for s in spec.split(",") if s.strip()):
+        name, sep, path = item.partition("=")
+        if not sep or not name.strip() or not path.strip():
+            raise ValueError(f"--decontam wants name=path, got {item!r}")
+        out.append((name.strip(), path.strip()))
+    names = [n for n, _ in out]
+    if len(set(names)) != len(names):
+        raise ValueError(f"benchmark names must be unique: {names}")
+    return out
+
+
+def _match(pattern: str) -> list[str]:
+    return sorted(m.path for m in FileSystems.match([pattern])[0].metadata_list)
+
+
+def _is_image(path: str) -> bool:
+    return path.lower().endswith(IMAGE_EXTS)
+
+
+def _read(path: str) -> bytes:
+    with FileSystems.open(path, compression_type="uncompressed") as f:
+        return f.read()
+
+
+def _json_images(json_path: str, image_dir: str | None) -> list[tuple[str, str]]:
+    doc = json.loads(_read(json_path))
+    items = doc.get("images", doc) if isinstance(doc, dict) else doc
+    names = []
+    for it in items:
+        if isinstance(it, str):
+            names.append(it)
+        elif isinstance(it, dict):
+            n = it.get("filename") or it.get("image") or it.get("file_name") or it.get("imgid")
+            if n is not None:
+                names.append(str(n))
+    base = posixpath.dirname(json_path)
+    dirs = [image_dir] if image_dir else [base, posixpath.join(base, "images"),
+                                          posixpath.join(base, "imgs")]
+    out = []
+    for n in dict.fromkeys(names):
+        for d in dirs:
+            p = posixpath.join(d, n)
+            if FileSystems.exists(p):
+                out.append((n, p))
+                break
+        else:
+            raise FileNotFoundError(f"{json_path}: image {n!r} not found in {dirs}")
+    return out
+
+
+def list_images(path: str) -> list[tuple[str, str]]:
+    """(image id relative to the benchmark, full path) of every image of one benchmark."""
+    json_path, _, image_dir = path.partition("::")
+    if json_path.lower().endswith(".json"):
+        return _json_images(json_path, image_dir or None)
+    root = path.rstrip("/")
+    jsons = _match(posixpath.join(root, "*.json"))
+    if len(jsons) == 1:
+        return _json_images(jsons[0], None)
+    found = [p for p in _match(posixpath.join(root, "*", "*")) if _is_image(p)]
+    found += [p for p in _match(posixpath.join(root, "*")) if _is_image(p)]
+    if not found:
+        raise FileNotFoundError(f"no benchmark images under {path} (class folders or a JSON)")
+    return sorted((posixpath.relpath(p, root) if "://" not in p else p[len(root) + 1:], p)
+                  for p in found)
+
+
+def list_benchmarks(specs: Sequence[tuple[str, str]]) -> list[tuple[str, str, str]]:
+    """(benchmark, image id, path) for every image of every benchmark, sorted."""
+    return [(name, rel, p) for name, path in specs for rel, p in list_images(path)]
+
+
+@dataclasses.dataclass
+class BenchmarkIndex:
+    """Every benchmark image: names, ids, 64-bit pHashes and (optionally) embeddings."""
+
+    benchmarks: list[str]
+    images: list[str]
+    phashes: np.ndarray  # uint64 [n]
+    embeddings: np.ndarray | None  # float32 [n, D], L2-normalised
+
+    @classmethod
+    def build(cls, items: Sequence[dict[str, Any]]) -> BenchmarkIndex:
+        items = sorted(items, key=lambda r: (r["benchmark"], r["image"]))
+        embs = [r.get("embedding") for r in items]
+        has = bool(items) and all(e is not None for e in embs)
+        return cls(
+            [r["benchmark"] for r in items], [r["image"] for r in items],
+            np.array([int(r["phash"], 16) for r in items], dtype=np.uint64),
+            np.stack(embs).astype(np.float32) if has else None,
+        )
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def match(self, phash: str | None, embedding: np.ndarray | None, max_hamming: int,
+              min_cosine: float | None) -> tuple[str, str, str, float] | None:
+        """(benchmark, image, how, score) of the closest benchmark image, or None."""
+        if not len(self):
+            return None
+        if phash is not None and max_hamming >= 0:
+            ham = np.bitwise_count(self.phashes ^ np.uint64(int(phash, 16))).astype(np.int64)
+            h = int(ham.min())
+            if h <= max_hamming:
+                i = int(np.flatnonzero(ham == h)[0])
+                return self.benchmarks[i], self.images[i], f"phash hamming {h}", 1.0 - h / 64.0
+        if embedding is not None and self.embeddings is not None and min_cosine is not None:
+            sims = self.embeddings @ np.asarray(embedding, np.float32)
+            i = int(np.argmax(sims))
+            if sims[i] >= min_cosine:
+                return self.benchmarks[i], self.images[i], f"cosine {sims[i]:.4f}", float(sims[i])
+        return None
+
+
+def decontam_decision(record: dict[str, Any], index: BenchmarkIndex, max_hamming: int,
+                      min_cosine: float | None,
+                      embedding_field: str = "_img_emb") -> dict[str, Any] | Reject:
+    hit = index.match(record.get("phash"), record.get(embedding_field), max_hamming, min_cosine)
+    if hit is None:
+        return record
+    bench, image, how, score = hit
+    return Reject(stage=STAGE, reason=OVERLAP, detail=f"{bench}: {image} ({how})", score=score)
+
+
+def benchmark_record(item: tuple[str, str, str], image_cfg) -> dict[str, Any] | None:
+    """A benchmark image as the pipeline sees a training image (normalised, hashed)."""
+    from pipelines.stages.images import normalise_image
+
+    name, rel, path = item
+    res = normalise_image(_read(path), image_cfg)
+    if isinstance(res, Reject):
+        return None
+    return {"key": f"{name}/{rel}", "benchmark": name, "image": rel, "phash": res.phash,
+            "_image": res.data}
+
+
+class Decontaminate(beam.PTransform):
+    """Records (with ``phash`` and, when embedding, ``_img_emb``) → ``records`` + ``rejects``.
+
+    Args:
+      specs: [(name, path)] (``parse_specs``); listed on the launcher.
+      image_cfg: the recipe's ``ImageConfig`` (benchmark images are normalised like ours).
+      embedder: an ``OpenClipImageEmbedder`` (same model as the Embed stage) or None: pHash only.
+      max_hamming / min_cosine: match thresholds (``min_cosine=None``: no embedding match).
+    """
+
+    def __init__(self, specs: Sequence[tuple[str, str]], image_cfg, embedder=None,
+                 max_hamming: int = 4, min_cosine: float | None = None,
+                 embedding_field: str = "_img_emb") -> None:
+        super().__init__()
+        self.items = list_benchmarks(specs)
+        self.image_cfg = image_cfg
+        self.embedder = embedder
+        self.max_hamming = max_hamming
+        self.min_cosine = min_cosine if embedder is not None else None
+        self.embedding_field = embedding_field
+
+    def expand(self, records):
+        from apache_beam.ml.inference.base import RunInference
+
+        cfg = self.image_cfg
+        bench = (
+            records.pipeline
+            | "BenchmarkImages" >> beam.Create(self.items)
+            | "BenchmarkNormalise" >> beam.Map(benchmark_record, image_cfg=cfg)
+            | "BenchmarkDecoded" >> beam.Filter(lambda r: r is not None)
+        )
+        if self.embedder is not None:
+            bench = (
+                bench
+                | "BenchmarkEmbed" >> RunInference(self.embedder)
+                | "BenchmarkWithEmb" >> beam.Map(
+                    lambda pr: {**{k: v for k, v in pr.example.items() if k != "_image"},
+                                "embedding": pr.inference})
+            )
+        else:
+            bench = bench | "BenchmarkSlim" >> beam.Map(
+                lambda r: {k: v for k, v in r.items() if k != "_image"})
+        index = (
+            bench
+            | "BenchmarkList" >> beam.combiners.ToList()
+            | "BenchmarkIndex" >> beam.Map(BenchmarkIndex.build)
+        )
+        t, c, field = self.max_hamming, self.min_cosine, self.embedding_field
+
+        def route(r, idx):
+            d = decontam_decision(r, idx, t, c, field)
+            if isinstance(d, Reject):
+                yield beam.pvalue.TaggedOutput(REJECTS, reject_row(r, d))
+            else:
+                yield d
+
+        return records | "Decontam" >> beam.FlatMap(
+            route, idx=beam.pvalue.AsSingleton(index)).with_outputs(REJECTS, main=MAIN)
+
+
+def removed_table(output: str) -> list[dict[str, Any]]:
+    """Per benchmark: removed training samples, by pHash / by embedding, distinct images hit."""
+    import io
+
+    import pyarrow.parquet as pq
+
+    rows: dict[str, dict[str, Any]] = {}
+    for p in _match(posixpath.join(output, "rejects", "*.parquet")):
+        with FileSystems.open(p, compression_type="uncompressed") as f:
+            t = pq.read_table(io.BytesIO(f.read()), columns=["stage", "detail"])
+        for stage, detail in zip(t["stage"].to_pylist(), t["detail"].to_pylist(), strict=True):
+            if stage != STAGE or not detail:
+                continue
+            bench, _, rest = detail.partition(": ")
+            image, _, how = rest.rpartition(" (")
+            r = rows.setdefault(bench, {"benchmark": bench, "removed": 0, "by_phash": 0,
+                                        "by_embedding": 0, "images": set()})
+            r["removed"] += 1
+            r["by_phash" if how.startswith("phash") else "by_embedding"] += 1
+            r["images"].add(image)
+    out = []
+    for b in sorted(rows):
+        r = rows[b]
+        out.append({**r, "images": len(r["images"])})
+    return out
+
+
+def report(output: str, specs: Sequence[tuple[str, str]] = ()) -> str:
+    """The per-benchmark table of what decontamination removed."""
+    from pipelines.stats import _fmt_table
+
+    table = {r["benchmark"]: r for r in removed_table(output)}
+    sizes = {}
+    for name, path in specs:
+        try:
+            sizes[name] = len(list_images(path))
+        except (OSError, ValueError):
+            sizes[name] = None
+    names = sorted(set(table) | set(sizes))
+    body = [[n, sizes.get(n, "?") if sizes.get(n) is not None else "?",
+             table.get(n, {}).get("images", 0), table.get(n, {}).get("removed", 0),
+             table.get(n, {}).get("by_phash", 0), table.get(n, {}).get("by_embedding", 0)]
+            for n in names]
+    return "Decontamination (training samples removed per benchmark):\n" + _fmt_table(
+        ["benchmark", "bench images", "bench images hit", "removed", "by pHash", "by embedding"],
+        body)
