@@ -187,3 +187,15 @@ def test_selo_end_to_end_on_a_synthetic_scene(world, tmp_path):
     assert got["Rmi"] == pytest.approx(0.4 * got["Rsu"] + 0.35 * (1 - got["Ras"])
                                        + 0.25 * got["Rda"])
     assert all(r["unit"] == "ratio" and r["published_dataset"] == "AIR-SLT" for r in recs)
+
+
+def test_selo_scenes_do_not_unguard_pil_for_everyone_else(tmp_path):
+    from PIL import Image
+
+    from trainer.bench import _open_large
+
+    before = Image.MAX_IMAGE_PIXELS
+    Image.new("RGB", (64, 48)).save(tmp_path / "scene.png")
+    with _open_large(str(tmp_path / "scene.png")) as im:
+        assert im.size == (64, 48)
+    assert Image.MAX_IMAGE_PIXELS == before and before is not None

@@ -20,6 +20,7 @@ Real weights (GeoRSCLIP, RemoteCLIP, SkyCLIP) go through the same path as ours::
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import logging
@@ -303,16 +304,34 @@ def run_counting(model: BenchModel, spec: DatasetSpec, data: CountingData,
                  candidates="1..10") for k, v in m.items()]
 
 
-def run_selo(model: BenchModel, spec: DatasetSpec, data: SeLoData, cache: FeatureCache,
-             opt: Options) -> list[dict[str, Any]]:
+#: AIR-SLT scenes are ~10k x 10k, above PIL's default bomb limit; still refuse past this
+SELO_MAX_PIXELS = 20_000 * 20_000
+
+
+@contextlib.contextmanager
+def _open_large(path: str):
+    """Open a large benchmark scene with a raised, still finite, bomb limit, restored after
+    (PIL's limit is process-wide: leaving it raised would unguard everything else)."""
     from PIL import Image
 
-    Image.MAX_IMAGE_PIXELS = None  # AIR-SLT scenes are ~10k x 10k
+    before = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = SELO_MAX_PIXELS
+    try:
+        im = Image.open(path)
+        im.load()
+    finally:
+        Image.MAX_IMAGE_PIXELS = before
+    with im:
+        yield im
+
+
+def run_selo(model: BenchModel, spec: DatasetSpec, data: SeLoData, cache: FeatureCache,
+             opt: Options) -> list[dict[str, Any]]:
     per: list[dict[str, float]] = []
     q = cache.get("selo_queries", fingerprint([], data.queries),
                   lambda: model.embed_texts(data.queries))
     for i, (path, polys) in enumerate(zip(data.paths, data.regions)):
-        with Image.open(path) as im:
+        with _open_large(path) as im:
             W, H = im.size
             wins = P.selo_windows(H, W, opt.selo_scales)
 
