@@ -101,3 +101,12 @@ def test_build_stats_checks_per_source():
     with pytest.raises(AccountingError, match="coyo"):
         build_stats(recipe="r", subset="s", input_by_source={"laion": 1, "coyo": 1},
                     kept={"laion": 2}, rejected={}, duplicates={}, shards=1)
+
+
+def test_shards_must_hold_what_was_kept(tmp_path):
+    """A runner that loses elements inside the shard GroupByKey must fail the build."""
+    wb = WriteBuild(str(tmp_path), "rs5m", "pub11", {})
+    with pytest.raises(AccountingError, match="shards hold 1 samples but 2 were kept"):
+        wb._finish(None, inputs=[("laion", 2)], kept=[("laion", 2)], rejected=[], dups=[],
+                   shards=[("pub11-00000.tar", 1)], files=[])
+    assert not (tmp_path / "stats.json").exists()

@@ -13,16 +13,17 @@ What is measured, and how (run ``python -m pipelines.perf.ingest --help`` for th
    a subprocess of this one. Both write webdataset shards with ``jpg``/``txt``/``json`` per
    sample.
 4. Per run: wall time of the whole command (start-up included), the active span (first request
-   seen by the server → last shard file written), images/s = samples in the shards / wall s,
-   peak memory (sum of RSS over the process tree, sampled every 0.1 s) and the samples found in
-   the tars (checked == N).
+   seen by the server → last shard file written) and its tail after the last request,
+   images/s = samples in the shards / wall s, CPU seconds of the tool's process tree (and of the
+   server meanwhile), peak memory (sum of RSS over the process tree, sampled every 0.1 s) and
+   the samples found in the tars (checked == N, each with its jpg, txt and json).
 
 Run order: one warm-up run of each tool on a small url list (page cache, ``.pyc`` files, the
 server's first connections), not reported; then ``--repeats`` rounds, alternating which tool
 goes first; the table shows each tool's median run. The last line printed is
 ``ratio <ours img/s ÷ img2dataset img/s>``.
 
-Fairness notes (also printed under the table):
+Fairness notes (the line above the table repeats the settings of the run):
 
 * img2dataset parallelises by shard (one shard = one subjob = one process), so with N=2000 and
   its default 10 000 samples per shard it would use one of its processes. Both tools are given
@@ -31,14 +32,19 @@ Fairness notes (also printed under the table):
   it still computes sha256 (we do too, plus a pHash). It re-encodes every image like we do.
 * Beam's ``DirectRunner`` tries to download a Prism binary first (no network here; elsewhere it
   would silently change runner), so ours names the runner it falls back to: ``FnApiRunner``.
-  ``--running_mode`` picks in_memory / multi_threading / multi_processing (see ``--help``).
+  ``--running_mode`` picks its mode. ``in_memory`` (the default, and DirectRunner's) runs one
+  worker in the launching process: on 2 cores at N=2000 it was as fast as or faster than
+  ``multi_processing`` (whose worker processes cost ~3 s of start-up and ~50% more CPU in
+  total, for a better steady state: prefer it for large N or many cores) and used the least
+  memory. ``multi_threading`` is offered but not trusted: in Beam 2.77 it sometimes drops
+  elements on the way into a GroupByKey (the shards then hold fewer samples than stats.json
+  says were kept); the tar count here catches that and marks the run "NO".
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import io
 import json
 import logging
 import math
@@ -46,7 +52,6 @@ import multiprocessing
 import os
 import resource
 import shutil
-import statistics
 import subprocess
 import sys
 import tarfile
@@ -55,7 +60,7 @@ import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 log = logging.getLogger("perf-ingest")
 
@@ -64,8 +69,9 @@ PERF_VENV = REPO / ".venv-perf"
 #: the img2dataset release this harness was written against (override: --img2dataset_spec)
 IMG2DATASET_SPEC = "img2dataset==1.47.0"
 SUBSET = "perf"
-#: which Beam local runner mode we use unless told otherwise (fastest measured; see --help)
-DEFAULT_RUNNING_MODE = "multi_processing"
+#: which FnApiRunner mode ours uses unless told otherwise: the fastest measured here (see the
+#: module docstring); it is also what DirectRunner itself falls back to by default
+DEFAULT_RUNNING_MODE = "in_memory"
 RUNNING_MODES = ("in_memory", "multi_threading", "multi_processing")
 _WORLD_VERSION = 1  # bump when the generated images change
 _SCENE_BASES = 256  # distinct scene renders; the rest of the N images are dihedral variants
@@ -146,7 +152,9 @@ def image_kind(requested: str) -> str:
     return "scenes"
 
 
-def make_world(workdir: Path, n: int, size: int, kind: str, processes: int = 2) -> tuple[Path, list[str]]:
+def make_world(
+    workdir: Path, n: int, size: int, kind: str, processes: int = 2
+) -> tuple[Path, list[str]]:
     """``{root}/img/{i:06d}.jpg`` for i < n (cached across runs); (root, captions)."""
     root = workdir / f"world-{kind}-{size}-v{_WORLD_VERSION}"
     img = root / "img"
@@ -234,7 +242,7 @@ class ServerProcess:
                                  name="perf-ingest-server")
         self.base_url = ""
 
-    def __enter__(self) -> ServerProcess:
+    def __enter__(self) -> Self:
         self._proc.start()
         if not self._conn.poll(60):
             raise RuntimeError("the demo server process did not start within 60 s")
@@ -268,10 +276,10 @@ def ensure_img2dataset(venv: Path = PERF_VENV, spec: str = IMG2DATASET_SPEC) -> 
         return exe
     python = shutil.which("python3.11") or sys.executable
     if not (venv / "bin" / "python").exists():
-        log.info("perf-ingest: creating %s for img2dataset (first run only; its pins conflict "
+        log.info("creating %s for img2dataset (first run only; its pins conflict "
                  "with the project's, so it gets its own venv)", venv)
         subprocess.run([python, "-m", "venv", str(venv)], check=True)
-    log.info("perf-ingest: installing %s into %s (first run only, a few minutes)", spec, venv)
+    log.info("installing %s into %s (first run only, a few minutes)", spec, venv)
     subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q", spec], check=True)
     if not exe.exists():
         raise RuntimeError(f"{spec} installed into {venv} but {exe} is missing")
@@ -285,7 +293,7 @@ def _quiet_env() -> dict[str, str]:
         WANDB_MODE="disabled",
         WANDB_SILENT="true",
         PYTHONWARNINGS="ignore",
-        # a child must not inherit a thread cap or a proxy that sends loopback traffic away
+        # a proxy setting in the environment must not send loopback traffic elsewhere
         NO_PROXY="127.0.0.1,localhost",
         no_proxy="127.0.0.1,localhost",
     )
@@ -420,8 +428,11 @@ class TreeMemorySampler(threading.Thread):
         self._stop_event = threading.Event()
 
     def run(self) -> None:
-        import psutil
-
+        try:
+            import psutil  # present with the project's dependencies; not worth failing over
+        except ImportError:
+            log.warning("psutil is not installed: peak memory is not measured")
+            return
         try:
             root = psutil.Process(self.pid)
         except psutil.NoSuchProcess:
@@ -474,6 +485,7 @@ class RunResult:
     wall_s: float
     active_s: float | None  # first request at the server → last shard written
     startup_s: float | None  # command start → first request at the server
+    tail_s: float | None  # last request at the server → last shard written
     cpu_s: float  # user + sys CPU seconds of the tool's whole process tree
     server_cpu_s: float  # CPU seconds the server process spent meanwhile
     samples: int
@@ -481,6 +493,7 @@ class RunResult:
     peak_rss: int
     rc: int
     log: str
+    failures: dict[str, int] = dataclasses.field(default_factory=dict)  # reason -> samples
 
     @property
     def img_per_s(self) -> float:
@@ -519,11 +532,29 @@ def measure(tool: str, cmd: list[str], output: Path, server: ServerProcess, log_
     first = span.get("first")
     active = (newest - first) if (first and newest) else None
     startup = (first - t0_wall) if first else None
+    last = span.get("last")
+    tail = (newest - last) if (last and newest) else None
     if rc != 0:
         tail = log_path.read_text(errors="replace")[-3000:]
         log.warning("%s exited with %d; last lines of %s:\n%s", tool, rc, log_path, tail)
-    return RunResult(tool, wall, active, startup, cpu, span.get("cpu_s", 0.0), samples,
-                     complete, peak, rc, str(log_path))
+    return RunResult(tool, wall, active, startup, tail, cpu, span.get("cpu_s", 0.0), samples,
+                     complete, peak, rc, str(log_path), failures(output))
+
+
+def failures(output: Path) -> dict[str, int]:
+    """Why samples are missing: our stats.json reject counts, or img2dataset's status dicts."""
+    found: dict[str, int] = {}
+    stats = output / "stats.json"
+    if stats.exists():
+        for c in json.loads(stats.read_text()).get("counts", []):
+            if c.get("outcome") != "kept":
+                key = f"{c.get('stage')}/{c.get('reason')}"
+                found[key] = found.get(key, 0) + int(c.get("count", 0))
+    for path in output.glob("*_stats.json") if output.exists() else []:
+        for reason, n in json.loads(path.read_text()).get("status_dict", {}).items():
+            if reason != "success":
+                found[reason[:120]] = found.get(reason[:120], 0) + int(n)
+    return found
 
 
 # --- 5. the report ---------------------------------------------------------------------------
@@ -534,17 +565,18 @@ def _fmt(v: float | None, spec: str) -> str:
 
 
 def table(rows: Sequence[RunResult], n: int) -> str:
-    head = (f"{'tool':<12} {'wall s':>7} {'startup s':>9} {'active s':>8} {'samples':>8} "
+    head = (f"{'tool':<12} {'wall s':>7} {'startup s':>9} {'active s':>8} {'tail s':>6} "
+            f"{'samples':>8} "
             f"{'ok':>3} {'img/s':>7} {'active img/s':>12} {'cpu s':>6} {'server cpu s':>12} "
             f"{'peak RSS MiB':>12}")
     lines = [head, "-" * len(head)]
     for r in rows:
         lines.append(
             f"{r.tool:<12} {r.wall_s:>7.2f} {_fmt(r.startup_s, '.2f'):>9} "
-            f"{_fmt(r.active_s, '.2f'):>8} {r.samples:>8} "
+            f"{_fmt(r.active_s, '.2f'):>8} {_fmt(r.tail_s, '.2f'):>6} {r.samples:>8} "
             f"{'yes' if r.samples == n and r.complete == n and r.rc == 0 else 'NO':>3} "
             f"{r.img_per_s:>7.1f} {_fmt(r.active_img_per_s, '.1f'):>12} {r.cpu_s:>6.1f} "
-            f"{r.server_cpu_s:>12.1f} {r.peak_rss / 2**20:>12.0f}"
+            f"{r.server_cpu_s:>12.1f} {_fmt(r.peak_rss / 2**20 if r.peak_rss else None, '.0f'):>12}"
         )
     return "\n".join(lines)
 
@@ -578,11 +610,13 @@ def _parser() -> argparse.ArgumentParser:
                     help="both tools (default: ceil(n / processes), so img2dataset, which "
                     "parallelises by shard, can use every process)")
     ap.add_argument("--running_mode", choices=RUNNING_MODES, default=DEFAULT_RUNNING_MODE,
-                    help="Beam FnApiRunner mode for ours (default %(default)s: fastest measured "
-                    "with 2 cores; in_memory runs one worker, multi_threading shares one GIL)")
+                    help="Beam FnApiRunner mode for ours (default %(default)s: one worker, "
+                    "fastest measured on 2 cores at N=2000; multi_processing runs --processes "
+                    "workers; multi_threading loses elements before a GroupByKey in Beam 2.77, "
+                    "the tar count check flags it)")
     ap.add_argument("--batch_size", type=int,
                     help="records fetched concurrently per Fetch call (default: --threads)")
-    ap.add_argument("--repeats", type=int, default=1,
+    ap.add_argument("--repeats", type=int, default=3,
                     help="measured rounds after the warm-up, alternating which tool goes first")
     ap.add_argument("--warmup", type=int, default=200,
                     help="images in the warm-up run of each tool (0: no warm-up)")
@@ -666,14 +700,24 @@ def benchmark(args: argparse.Namespace) -> dict[str, RunResult]:
           f"alternating order; median run shown")
     print(table(list(best.values()), args.n))
     print("wall = whole command incl. interpreter/runner start-up; startup = command start -> "
-          "first request at the server; active = first request -> last shard tar written; "
+          "first request at the server; active = first request -> last shard tar written (tail = "
+          "the part after the last request); "
           "img/s = samples in the tars / wall s; cpu s = user+sys of the tool's process tree; "
           "server cpu s = the (shared) server's CPU meanwhile; peak RSS = sum over the process "
           "tree, sampled every 0.1 s")
-    bad = [r.tool for r in best.values() if r.rc != 0 or r.samples != args.n]
-    if bad:
-        print(f"WARNING: {', '.join(bad)} did not write {args.n} samples; see logs in {work}")
+    for tool, rs in runs.items():
+        for i, r in enumerate(rs):
+            if r.rc != 0 or r.samples != args.n or r.failures:
+                print(f"WARNING: {tool} run {i} wrote {r.samples}/{args.n} samples (rc {r.rc}); "
+                      f"failures {r.failures or 'none recorded'}; log {r.log}")
     return best
+
+
+def ratio(best: dict[str, RunResult]) -> float | None:
+    """Ours ÷ img2dataset in images/s (whole command), when both ran and wrote something."""
+    if "ours" not in best or "img2dataset" not in best or best["img2dataset"].img_per_s <= 0:
+        return None
+    return best["ours"].img_per_s / best["img2dataset"].img_per_s
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -686,9 +730,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     best = benchmark(args)
-    if "ours" in best and "img2dataset" in best and best["img2dataset"].img_per_s > 0:
-        ratio = best["ours"].img_per_s / best["img2dataset"].img_per_s
-        print(f"ratio {ratio:.2f}")
+    r = ratio(best)
+    if r is not None:
+        print(f"ratio {r:.2f}")
     return 0 if all(r.rc == 0 and r.samples == args.n for r in best.values()) else 1
 
 

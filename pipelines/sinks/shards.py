@@ -315,6 +315,12 @@ class WriteBuild(beam.PTransform):
             shards=len(shards),
         )
         sizes = dict(sorted(shards))
+        if sum(sizes.values()) != stats["kept"]:
+            # what the shard writers wrote, against what reached the sink: a runner that
+            # drops elements inside a GroupByKey would otherwise pass the count check
+            raise AccountingError(
+                f"shards hold {sum(sizes.values())} samples but {stats['kept']} were kept"
+            )
         dump = lambda d: (json.dumps(d, indent=2, sort_keys=True) + "\n").encode()  # noqa: E731
         write_atomic(join(self.output, "shards", "sizes.json"), dump(sizes))
         write_atomic(join(self.output, "sizes.json"), dump(sizes))
