@@ -80,12 +80,21 @@ def test_flaky_beyond_retries_is_rejected(demo_server):
     assert demo_server.requests["/flaky/5/img/a.jpg"] == 3
 
 
-def test_ratelimit_429_is_retried_honouring_retry_after(demo_server, demo_root):
-    # backoff is huge: only honouring "Retry-After: 0" keeps this fast.
+def sleeps(monkeypatch):
+    """Record the back-off sleeps of the fetch module instead of sleeping."""
+    import pipelines.stages.fetch as fetch_module
+
+    slept: list[float] = []
+    monkeypatch.setattr(fetch_module.time, "sleep", slept.append)
+    return slept
+
+
+def test_ratelimit_429_is_retried_honouring_retry_after(demo_server, demo_root, monkeypatch):
+    # backoff is huge: only honouring "Retry-After: 0" gives a short wait
+    slept = sleeps(monkeypatch)
     cfg = FetchConfig(retries=1, backoff=30.0)
-    t0 = time.monotonic()
     got = fetch_url(demo_server.url("/ratelimit/img/b.png"), cfg)
-    assert time.monotonic() - t0 < 5.0
+    assert slept and max(slept) < 1.0
     assert got == body_of(demo_root, "b.png")
     assert demo_server.requests["/ratelimit/img/b.png"] == 2
 
@@ -102,21 +111,18 @@ def test_redirect_is_followed(demo_server, demo_root):
 
 def test_slow_server_times_out(demo_server):
     cfg = FetchConfig(timeout=0.5, retries=1, backoff=0.01)
-    t0 = time.monotonic()
     got = fetch_url(demo_server.url("/slow/3/img/a.jpg"), cfg)
-    elapsed = time.monotonic() - t0
     assert isinstance(got, Reject) and got.reason == "timeout"
     assert "2 attempt" in got.detail
     assert demo_server.requests["/slow/3/img/a.jpg"] == 2  # timeouts are retried
-    assert elapsed < 2.5
 
 
-def test_connection_refused(demo_server):
-    t0 = time.monotonic()
+def test_connection_refused(demo_server, monkeypatch):
+    slept = sleeps(monkeypatch)
     got = fetch_url(f"http://127.0.0.1:{closed_port()}/img/a.jpg", FAST)
     assert isinstance(got, Reject)
     assert (got.stage, got.reason) == ("fetch", "connection_error")
-    assert time.monotonic() - t0 < 2.0  # refused is not worth retrying with backoff
+    assert slept == []  # refused is not worth retrying with backoff
 
 
 # --- body checks ---------------------------------------------------------------------------
@@ -238,11 +244,10 @@ def test_fetch_many_keeps_input_order_and_runs_concurrently(demo_server, demo_ro
     urls.insert(9, None)
     expected.insert(9, "missing_url")
     with Fetcher(FetchConfig(threads=32, retries=0)) as fetcher:
-        t0 = time.monotonic()
         got = fetcher.fetch_many(urls)
-        elapsed = time.monotonic() - t0
     assert [g.reason if isinstance(g, Reject) else g for g in got] == expected
-    assert elapsed < 2.0
+    # the eight 0.4 s requests were in flight together, not one after another
+    assert demo_server.max_in_flight >= 8
     assert demo_server.requests["/slow/0.4/img/a.jpg"] == 8
 
 
@@ -256,9 +261,8 @@ def test_slow_request_does_not_block_others(demo_server):
     t = threading.Thread(target=slow)
     t.start()
     time.sleep(0.1)
-    t0 = time.monotonic()
     assert isinstance(fetch_url(demo_server.url("/img/b.png"), cfg), bytes)
-    assert time.monotonic() - t0 < 1.0
+    assert t.is_alive(), "the fast request waited for the slow one"
     t.join()
     assert isinstance(done["slow"], bytes)
 
@@ -280,10 +284,8 @@ def test_server_stops_promptly_with_a_sleeper_in_flight(demo_root):
     )
     t.start()
     time.sleep(0.2)
-    t0 = time.monotonic()
     srv.stop()
-    t.join(timeout=5)
-    assert time.monotonic() - t0 < 3.0
+    t.join(timeout=5)  # the sleeper has 60 s to go: only a prompt stop ends it in time
     assert not t.is_alive()
     assert isinstance(result["r"], Reject)
 

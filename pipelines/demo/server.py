@@ -104,10 +104,17 @@ class _Handler(BaseHTTPRequestHandler):
         count = self.server.count(path)
         self.server.remember_headers(path, dict(self.headers.items()))
         parts = path.split("/")[1:]  # "/a/b" -> ["a", "b"]
+        state = self.server.state
+        with state.lock:
+            state.in_flight += 1
+            state.max_in_flight = max(state.max_in_flight, state.in_flight)
         try:
             self._route(path, parts, count)
         except (BrokenPipeError, ConnectionResetError):
             log.debug("demo server: client went away during %s", path)
+        finally:
+            with state.lock:
+                state.in_flight -= 1
 
     def _route(self, path: str, parts: list[str], count: int) -> None:
         head = parts[0] if parts else ""
@@ -169,6 +176,8 @@ class _State:
         self.lock = threading.Lock()
         self.counts: collections.Counter[str] = collections.Counter()
         self.headers: dict[str, dict[str, str]] = {}
+        self.in_flight = 0
+        self.max_in_flight = 0  # the most requests served at once: shows a client's concurrency
 
 
 class _Server(ThreadingHTTPServer):
@@ -297,6 +306,12 @@ class DemoServer:
         """Requests received per exact path (a snapshot; missing paths count 0)."""
         with self._state.lock:
             return collections.Counter(self._state.counts)
+
+    @property
+    def max_in_flight(self) -> int:
+        """The most requests this server has served at the same time."""
+        with self._state.lock:
+            return self._state.max_in_flight
 
     @property
     def last_headers(self) -> dict[str, dict[str, str]]:
