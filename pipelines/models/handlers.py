@@ -64,7 +64,7 @@ class LoadedClip:
     device: torch.device
     dtype: torch.dtype
     probe: Any = None  # RSProbe for RSScorer
-    tokenizer: Any = None  # open_clip tokenizer for OpenClipImageTextEmbedder
+    tokenizer: Any = None  # open_clip tokenizer (OpenClipImageTextEmbedder embeds captions)
 
 
 class OpenClipImageEmbedder(ModelHandler[Record, PredictionResult, LoadedClip]):
@@ -108,12 +108,12 @@ class OpenClipImageEmbedder(ModelHandler[Record, PredictionResult, LoadedClip]):
     # ---- ModelHandler -----------------------------------------------------------------------
     def load_model(self) -> LoadedClip:
         dev = resolve_device(self._device)
-        net, preprocess, _ = load_open_clip(
+        net, preprocess, tokenizer = load_open_clip(
             self._model, self._pretrained, device=dev, precision=self._precision
         )
         log.info("%s: loaded %s (%s) on %s", type(self).__name__, self._model,
                  self._pretrained or "own weights", dev)
-        return LoadedClip(net, preprocess, dev, input_dtype(net))
+        return LoadedClip(net, preprocess, dev, input_dtype(net), tokenizer=tokenizer)
 
     def run_inference(
         self,
@@ -270,15 +270,6 @@ class OpenClipImageTextEmbedder(OpenClipImageEmbedder):
     def __init__(self, *args: Any, text_field: str = "caption", **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._text_field = text_field
-
-    def load_model(self) -> LoadedClip:
-        dev = resolve_device(self._device)
-        net, preprocess, tokenizer = load_open_clip(
-            self._model, self._pretrained, device=dev, precision=self._precision
-        )
-        log.info("%s: loaded %s (%s) on %s", type(self).__name__, self._model,
-                 self._pretrained or "own weights", dev)
-        return LoadedClip(net, preprocess, dev, input_dtype(net), tokenizer=tokenizer)
 
     def embed_text(self, texts: Sequence[str], model: LoadedClip) -> np.ndarray:
         """float32 [len(texts), D] L2-normalised caption embeddings (full, padded batches)."""
