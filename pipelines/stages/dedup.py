@@ -153,7 +153,11 @@ class DedupByUrl(beam.PTransform):
         )
 
 
-class _UnionFind(beam.CombineFn):
+class EdgeList(beam.CombineFn):
+    """Gathers every duplicate edge on one worker; subclasses turn them into decisions.
+
+    Only edges travel (a small fraction of the corpus), so this global step stays small."""
+
     def create_accumulator(self):
         return []
 
@@ -164,6 +168,8 @@ class _UnionFind(beam.CombineFn):
     def merge_accumulators(self, accs):
         return [e for acc in accs for e in acc]
 
+
+class _UnionFind(EdgeList):
     def extract_output(self, acc):
         return {k: (describe(n, s), s.key) for k, (n, s) in components(acc).items()}
 

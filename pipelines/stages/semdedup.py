@@ -39,6 +39,7 @@ import apache_beam as beam
 import numpy as np
 
 from pipelines.records import DUPLICATES, duplicate_row, stable_hash
+from pipelines.stages.dedup import EdgeList
 
 STAGE = "semantic_dedup"
 METHOD = "semantic"
@@ -245,17 +246,7 @@ def _cluster_edges_fn(item, threshold: float, block: int):
         yield (a[0], a[1]), (b[0], b[1]), s
 
 
-class _Components(beam.CombineFn):
-    def create_accumulator(self):
-        return []
-
-    def add_input(self, acc, edge):
-        acc.append(edge)
-        return acc
-
-    def merge_accumulators(self, accs):
-        return [e for acc in accs for e in acc]
-
+class _Components(EdgeList):
     def extract_output(self, acc):
         # nodes are (key, rank); dedupe edges found in several clusters
         uniq = {}
