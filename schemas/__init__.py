@@ -93,6 +93,18 @@ DUPLICATE_FIELDS = [
     pa.field("similarity", pa.float32()),
 ]
 
+#: One row of an embeddings folder's ``metadata/metadata_N.parquet`` (clip-retrieval layout),
+#: aligned with the rows of ``img_emb/img_emb_N.npy`` and ``text_emb/text_emb_N.npy``.
+EMBEDDING_METADATA_FIELDS = [
+    pa.field("key", pa.string(), nullable=False),
+    pa.field("shard", pa.string()),
+    pa.field("caption", pa.string()),
+    pa.field("url", pa.string()),
+    pa.field("source", pa.string()),
+    pa.field("source_id", pa.string()),
+    pa.field("clip_score", pa.float32()),
+]
+
 COUNT = pa.struct(
     [
         ("source", pa.string()),
@@ -127,6 +139,7 @@ SAMPLE_SCHEMA = _schema(SAMPLE_FIELDS, "sample")
 REJECT_SCHEMA = _schema(REJECT_FIELDS, "reject")
 DUPLICATE_SCHEMA = _schema(DUPLICATE_FIELDS, "duplicate")
 STATS_SCHEMA = _schema(STATS_FIELDS, "stats")
+EMBEDDING_METADATA_SCHEMA = _schema(EMBEDDING_METADATA_FIELDS, "embedding_metadata")
 
 SAMPLE_COLUMNS = tuple(f.name for f in SAMPLE_FIELDS)
 REJECT_COLUMNS = tuple(f.name for f in REJECT_FIELDS)

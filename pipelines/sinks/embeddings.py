@@ -23,22 +23,12 @@ import numpy as np
 import pyarrow as pa
 from apache_beam.io.filesystems import FileSystems
 
+import schemas
 from pipelines.records import stable_hash
 from pipelines.sinks.shards import join, num_files, parquet_bytes, shard_name, write_atomic
 
 IMAGE_FIELD = "_img_emb"
 TEXT_FIELD = "_txt_emb"
-
-METADATA_SCHEMA = pa.schema([
-    pa.field("key", pa.string(), nullable=False),
-    pa.field("shard", pa.string()),
-    pa.field("caption", pa.string()),
-    pa.field("url", pa.string()),
-    pa.field("source", pa.string()),
-    pa.field("source_id", pa.string()),
-    pa.field("clip_score", pa.float32()),
-])
-
 
 def _l2_f16(rows: list[np.ndarray]) -> np.ndarray:
     x = np.stack([np.asarray(r, np.float32) for r in rows])
@@ -58,7 +48,7 @@ def part_files(rows: list[dict[str, Any]], subset: str, index: int) -> dict[str,
     meta = pa.Table.from_pylist([
         {"key": r["key"], "shard": f"{shard_name(subset, index)}.tar", "caption": r.get("caption"),
          "url": r.get("url"), "source": r.get("source"), "source_id": r.get("source_id"),
-         "clip_score": r.get("clip_score")} for r in rows], schema=METADATA_SCHEMA)
+         "clip_score": r.get("clip_score")} for r in rows], schema=schemas.EMBEDDING_METADATA_SCHEMA)
     return {
         f"img_emb/img_emb_{index}.npy": npy_bytes(_l2_f16([r[IMAGE_FIELD] for r in rows])),
         f"text_emb/text_emb_{index}.npy": npy_bytes(_l2_f16([r[TEXT_FIELD] for r in rows])),
@@ -135,5 +125,5 @@ def load_embeddings(folder: str) -> tuple[np.ndarray, np.ndarray, pa.Table]:
     txt = [npy(p) for p in parts("text_emb", "npy")]
     meta = [table(p) for p in parts("metadata", "parquet")]
     if not img:
-        return np.zeros((0, 0), np.float16), np.zeros((0, 0), np.float16), METADATA_SCHEMA.empty_table()
+        return np.zeros((0, 0), np.float16), np.zeros((0, 0), np.float16), schemas.EMBEDDING_METADATA_SCHEMA.empty_table()
     return np.concatenate(img), np.concatenate(txt), pa.concat_tables(meta)
