@@ -87,7 +87,7 @@ DUPLICATE_FIELDS = [
     pa.field("url", pa.string()),
     pa.field("stage", pa.string(), nullable=False),
     pa.field("duplicate_of", pa.string(), nullable=False),
-    # url | sha256 | phash | semantic
+    # url | sha256 | phash | phash_crop (a centre crop's pHash matched) | semantic
     pa.field("method", pa.string(), nullable=False),
     # 1.0 for exact methods; 1 - hamming/64 for phash; cosine for semantic
     pa.field("similarity", pa.float32()),

@@ -44,12 +44,14 @@ def world(tmp_path_factory):
         doc["images"].append({"filename": f"r{i}.png", "split": "test",
                               "sentences": [{"raw": "an aerial image"}]})
     (root / "ret" / "dataset_ret.json").write_text(json.dumps(doc))
-    # training records: exact copy of 0, re-encoded 1, resized 2, re-encoded 4, resized 5,
-    # and ten unrelated scenes (6..15)
+    # training records: exact copy of 0, re-encoded 1, resized 2, cropped 3 (6% a side,
+    # centred: caught through the crop pHashes), re-encoded 4, resized 5, and ten unrelated
+    # scenes (6..15)
     variants = {
         "exact0": (root / "cls" / CLASSES[0] / "img0.jpg").read_bytes(),
         "reenc1": _jpeg(imgs[1], 50),
         "resize2": _jpeg(imgs[2].resize((100, 100), Image.BILINEAR)),
+        "crop3": _jpeg(imgs[3].crop((8, 8, 120, 120))),
         "reenc4": _jpeg(imgs[4], 60),
         "resize5": _jpeg(imgs[5].resize((90, 90), Image.BILINEAR)),
     }
@@ -59,7 +61,8 @@ def world(tmp_path_factory):
     for name, data in variants.items():
         res = normalise_image(data, cfg)
         recs.append({"key": name, "subset": "t", "source": "s", "source_id": name, "url": None,
-                     "caption": "an aerial image", "_image": res.data, "phash": res.phash})
+                     "caption": "an aerial image", "_image": res.data, "phash": res.phash,
+                     "_phash_crops": res.phash_crops})
     tiny = build_tiny_clip(str(root / "tiny-clip"), seed=3)
     return root, recs, cfg, tiny
 
@@ -82,7 +85,8 @@ def test_planted_benchmark_images_are_removed(world, use_embeddings):
     specs = parse_specs([f"cls={root / 'cls'}", f"ret={root / 'ret'}"])
     embedder = OpenClipImageEmbedder(tiny, batch_size=8) if use_embeddings else None
     expected = [("exact0", f"cls: {CLASSES[0]}/img0.jpg"), ("reenc1", f"cls: {CLASSES[1]}/img1.jpg"),
-                ("resize2", f"cls: {CLASSES[2]}/img2.jpg"), ("reenc4", "ret: r4.png"),
+                ("resize2", f"cls: {CLASSES[2]}/img2.jpg"), ("crop3", f"cls: {CLASSES[3]}/img3.jpg"),
+                ("reenc4", "ret: r4.png"),
                 ("resize5", "ret: r5.png")]
     with TestPipeline() as p:
         records = p | beam.Create(recs)

@@ -8,6 +8,7 @@ from pipelines.stages.dedup import (
     DedupByContent,
     DedupByUrl,
     band_keys,
+    bucket_edges,
     components,
     hamming,
     node_of,
@@ -90,6 +91,67 @@ def test_content_dedup_sha_and_phash_with_survivor_rule():
             ]),
             label="dups",
         )
+
+
+def _decoded_record(key, data):
+    from pipelines.stages.images import normalise_image
+
+    res = normalise_image(data)
+    r = rec(key, res.sha256, int(res.phash, 16), w=res.original_width, h=res.original_height,
+            nbytes=len(data))
+    r["_phash_crops"] = res.phash_crops
+    return r
+
+
+@pytest.fixture(scope="module")
+def scene_and_crop():
+    import io
+
+    import numpy as np
+
+    from pipelines.demo.scenes import CLASSES, render_scene
+
+    img = render_scene(CLASSES[0], np.random.default_rng(7), 256)[0]
+
+    def jpeg(im):
+        buf = io.BytesIO()
+        im.save(buf, "JPEG", quality=90)
+        return buf.getvalue()
+
+    other = render_scene(CLASSES[1], np.random.default_rng(8), 256)[0]
+    return [_decoded_record("orig", jpeg(img)),
+            _decoded_record("crop", jpeg(img.crop((13, 13, 243, 243)))),  # 5% a side
+            _decoded_record("other", jpeg(other))]
+
+
+def test_centre_crop_is_a_phash_crop_duplicate_of_its_original(scene_and_crop):
+    orig, crop, _ = scene_and_crop
+    assert hamming(int(orig["phash"], 16), int(crop["phash"], 16)) > 4  # full hash misses it
+    with TestPipeline() as p:
+        out = p | beam.Create(scene_and_crop) | DedupByContent(max_hamming=4)
+        assert_that(out["records"] | "K" >> beam.Map(lambda r: r["key"]),
+                    equal_to(["orig", "other"]))
+        assert_that(
+            out[DUPLICATES] | "D" >> beam.Map(lambda d: (d["key"], d["duplicate_of"],
+                                                         d["method"], d["similarity"] >= 1 - 4 / 64)),
+            equal_to([("crop", "orig", "phash_crop", True)]), label="dups")
+
+
+def test_crop_matching_can_be_turned_off(scene_and_crop):
+    with TestPipeline() as p:
+        out = p | beam.Create(scene_and_crop) | DedupByContent(max_hamming=4, crops=False)
+        assert_that(out["records"] | beam.Map(lambda r: r["key"]),
+                    equal_to(["orig", "crop", "other"]))
+
+
+def test_crop_hashes_match_full_hashes_not_each_other():
+    a = node_of(rec("a", "1", 0b0000))._replace(crops=(0xFF,))
+    b = node_of(rec("b", "2", 0xFFFF_0000))._replace(crops=(0xFF,))
+    # a and b share a crop hash only: crop vs crop is not compared
+    assert list(bucket_edges(("band", (0, 0xFF)), [(a, False), (b, False)], 4)) == []
+    assert list(bucket_edges(("band", (0, 0xFF)), [(a, True), (b, False)], 4)) == []
+    c = node_of(rec("c", "3", 0xFF))  # c's full hash is a's crop hash
+    assert list(bucket_edges(("band", (0, 0xFF)), [(a, False), (c, True)], 4)) == [(a, c)]
 
 
 def test_dedup_disabled_passes_everything():

@@ -97,6 +97,10 @@ class RS5MOptions(PipelineOptions):
                        help="exact (sha256) + near-exact (pHash) dedup across the corpus")
         g.add_argument("--phash_hamming", type=int, default=DEFAULT_MAX_HAMMING,
                        help="max pHash Hamming distance of two copies of one image")
+        g.add_argument("--dedup_crops", type=_bool, default=True,
+                       help="also match centre-cropped copies (by 2.5-10%% a side) through "
+                            "the pHashes of centre crops, in dedup and in decontamination; "
+                            "false: the full-picture pHash only (saves ~1 ms an image)")
         g = parser.add_argument_group("RS-image filter")
         g.add_argument("--rs_filter", type=_bool, default=True)
         g.add_argument("--rs_model", help="open_clip architecture or local model directory")
@@ -267,11 +271,13 @@ def build(p: beam.Pipeline, cfg: dict[str, Any], runner: str = "DirectRunner"):
         min_image_size=cfg["min_image_size"],
         max_aspect_ratio=cfg.get("max_aspect_ratio") or float("inf"),
         encode_quality=cfg["encode_quality"],
+        crop_hashes=cfg["dedup_crops"],
     )
     decoded = fetched.ok | "Decode" >> beam.ParDo(DecodeDoFn(image_cfg)).with_outputs(
         REJECTS, main="records"
     )
-    unique = decoded.records | "Dedup" >> DedupByContent(cfg["phash_hamming"], cfg["dedup"])
+    unique = decoded.records | "Dedup" >> DedupByContent(
+        cfg["phash_hamming"], cfg["dedup"], crops=cfg["dedup_crops"])
     rs = unique["records"] | "RSFilter" >> RSFilter(
         cfg.get("rs_model"),
         cfg.get("rs_pretrained"),

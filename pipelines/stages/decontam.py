@@ -35,6 +35,7 @@ import numpy as np
 from apache_beam.io.filesystems import FileSystems
 
 from pipelines.records import REJECTS, Reject, reject_row
+from pipelines.stages.images import split_hashes
 
 STAGE = "decontam"
 OVERLAP = "benchmark_overlap"
@@ -128,6 +129,7 @@ class BenchmarkIndex:
     benchmarks: list[str]
     images: list[str]
     phashes: np.ndarray  # uint64 [n]
+    crops: np.ndarray  # uint64 [n, len(CROP_SCALES)] (or [n, 0]): centre-crop pHashes
     embeddings: np.ndarray | None  # float32 [n, D], L2-normalised
 
     @classmethod
@@ -138,19 +140,33 @@ class BenchmarkIndex:
         return cls(
             [r["benchmark"] for r in items], [r["image"] for r in items],
             np.array([int(r["phash"], 16) for r in items], dtype=np.uint64),
+            _crop_matrix([r.get("phash_crops") for r in items]),
             np.stack(embs).astype(np.float32) if has else None,
         )
 
     def __len__(self) -> int:
         return len(self.images)
 
+    def hamming(self, phash: str, crops: str | None = None) -> np.ndarray:
+        """int64 [n]: ``dedup.distance`` from one image's hashes to every benchmark image."""
+        full = np.uint64(int(phash, 16))
+        ham = np.bitwise_count(self.phashes ^ full).astype(np.int64)
+        if self.crops.shape[1]:
+            ham = np.minimum(ham, np.bitwise_count(self.crops ^ full).min(axis=1))
+        for c in split_hashes(crops):
+            ham = np.minimum(ham, np.bitwise_count(self.phashes ^ np.uint64(c)))
+        return ham
+
     def match(self, phash: str | None, embedding: np.ndarray | None, max_hamming: int,
-              min_cosine: float | None) -> tuple[str, str, str, float] | None:
-        """(benchmark, image, how, score) of the closest benchmark image, or None."""
+              min_cosine: float | None, crops: str | None = None
+              ) -> tuple[str, str, str, float] | None:
+        """(benchmark, image, how, score) of the closest benchmark image, or None.
+
+        ``crops``: the record's centre-crop pHashes (``_phash_crops``), when it has them."""
         if not len(self):
             return None
         if phash is not None and max_hamming >= 0:
-            ham = np.bitwise_count(self.phashes ^ np.uint64(int(phash, 16))).astype(np.int64)
+            ham = self.hamming(phash, crops)
             h = int(ham.min())
             if h <= max_hamming:
                 i = int(np.flatnonzero(ham == h)[0])
@@ -163,10 +179,17 @@ class BenchmarkIndex:
         return None
 
 
+def _crop_matrix(crops: Sequence[str | None]) -> np.ndarray:
+    rows = [split_hashes(c) for c in crops]
+    k = min((len(r) for r in rows), default=0)
+    return np.array([r[:k] for r in rows], dtype=np.uint64).reshape(len(rows), k)
+
+
 def decontam_decision(record: dict[str, Any], index: BenchmarkIndex, max_hamming: int,
                       min_cosine: float | None,
                       embedding_field: str = "_img_emb") -> dict[str, Any] | Reject:
-    hit = index.match(record.get("phash"), record.get(embedding_field), max_hamming, min_cosine)
+    hit = index.match(record.get("phash"), record.get(embedding_field), max_hamming, min_cosine,
+                      record.get("_phash_crops"))
     if hit is None:
         return record
     bench, image, how, score = hit
@@ -182,7 +205,7 @@ def benchmark_record(item: tuple[str, str, str], image_cfg) -> dict[str, Any] | 
     if isinstance(res, Reject):
         return None
     return {"key": f"{name}/{rel}", "benchmark": name, "image": rel, "phash": res.phash,
-            "_image": res.data}
+            "phash_crops": res.phash_crops, "_image": res.data}
 
 
 class Decontaminate(beam.PTransform):

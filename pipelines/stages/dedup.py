@@ -5,30 +5,40 @@
 key.
 
 **Content dedup** (after decoding): two images are the same when their original bytes have
-the same sha256, or their 64-bit perceptual hashes are within ``max_hamming`` bits. Candidate
-pairs are found without comparing all pairs: each pHash is cut into ``max_hamming + 1`` bands,
-and two hashes within ``max_hamming`` bits agree exactly on at least one band (pigeonhole), so
-grouping by (band index, band value) finds every pair. Pairs become edges, edges become
-connected components (a global union-find over the edges only; at RS5M scale that is ~1M
-edges, a few hundred MB), and each component keeps one survivor.
+the same sha256, or their 64-bit perceptual hashes are within ``max_hamming`` bits. A plain
+pHash moves ~14 bits when 5% is cropped off each side, so each image also carries the pHashes
+of its centre crops (``images.CROP_SCALES``: 95%, 90%, 85%, 80% of the side), and the
+distance of two images is the smallest Hamming distance between one's full hash and the
+other's full or crop hashes (:func:`distance`): a copy cropped by 2.5-10% a side, centred,
+lands within a few bits of a crop hash of its original. Crop hash against crop hash is not
+compared: it catches no more variants and costs precision. Off-centre crops are not caught
+(semantic dedup is the tool for those).
+
+Candidate pairs are found without comparing all pairs: each hash is cut into
+``max_hamming + 1`` bands, and two hashes within ``max_hamming`` bits agree exactly on at
+least one band (pigeonhole), so grouping by (band index, band value) finds every pair. Pairs
+become edges, edges become connected components (a global union-find over the edges only; at
+RS5M scale that is ~1M edges, a few hundred MB), and each component keeps one survivor.
 
 **Survivor rule** (deterministic, documented in the README): the member with the most
-original pixels wins (the least downscaled copy), then the most original bytes (the least
-recompressed copy), then the smallest key. Every other member becomes a ``duplicates/`` row
-pointing at the survivor, with ``method`` ``sha256`` when its bytes equal the survivor's and
-``phash`` otherwise, and ``similarity`` = 1 - hamming/64.
+original pixels wins (the least downscaled or cropped copy), then the most original bytes
+(the least recompressed copy), then the smallest key. Every other member becomes a
+``duplicates/`` row pointing at the survivor, with ``method`` ``sha256`` when its bytes equal
+the survivor's, ``phash`` when the full hashes are within ``max_hamming`` bits, ``phash_crop``
+when only a crop hash is, and ``similarity`` = 1 - hamming/64 (1 for sha256).
 """
 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, NamedTuple
 from urllib.parse import urlsplit, urlunsplit
 
 import apache_beam as beam
 
 from pipelines.records import DUPLICATES, duplicate_row
+from pipelines.stages.images import split_hashes
 
 #: the pHash Hamming distance up to which two images are copies of one another: re-encodes and
 #: resizes land at 0-2 bits, distinct demo scenes at 12+ and distinct web photos far more
@@ -54,17 +64,34 @@ class Node(NamedTuple):
     key: str
     sha256: str
     phash: int
+    crops: tuple[int, ...] = ()  # pHashes of the centre crops (images.CROP_SCALES)
 
 
-def node_of(record: dict[str, Any]) -> Node:
+def node_of(record: dict[str, Any], crops: bool = True) -> Node:
     pixels = int(record.get("original_width") or 0) * int(record.get("original_height") or 0)
     nbytes = int(record.get("_original_bytes") or 0)
     return Node((-pixels, -nbytes, record["key"]), record["key"], record["sha256"],
-                int(record["phash"], 16))
+                int(record["phash"], 16),
+                tuple(split_hashes(record.get("_phash_crops"))) if crops else ())
 
 
 def hamming(a: int, b: int) -> int:
     return (a ^ b).bit_count()
+
+
+def distance(a_full: int, a_crops: Sequence[int], b_full: int, b_crops: Sequence[int]) -> int:
+    """Smallest Hamming distance between one image's full pHash and the other's full or crop
+    pHashes (crop against crop is not compared)."""
+    best = hamming(a_full, b_full)
+    for c in b_crops:
+        best = min(best, hamming(a_full, c))
+    for c in a_crops:
+        best = min(best, hamming(b_full, c))
+    return best
+
+
+def node_distance(a: Node, b: Node) -> int:
+    return distance(a.phash, a.crops, b.phash, b.crops)
 
 
 def band_keys(phash: int, max_hamming: int) -> list[tuple[int, int]]:
@@ -76,15 +103,22 @@ def band_keys(phash: int, max_hamming: int) -> list[tuple[int, int]]:
     ]
 
 
-def bucket_edges(bucket: tuple, nodes: list[Node], max_hamming: int) -> Iterator[tuple[Node, Node]]:
-    """Pairs of ``nodes`` (one bucket) within ``max_hamming`` bits.
+def bucket_edges(bucket: tuple, entries: list, max_hamming: int) -> Iterator[tuple[Node, Node]]:
+    """Pairs of nodes in one bucket within ``max_hamming`` bits (:func:`node_distance`).
 
-    A sha256 bucket holds identical bytes: a star from its best node connects it.
+    A sha256 bucket holds nodes, identical bytes: a star from its best node connects it. A
+    band bucket holds ``(node, via_full)``: whether the node's full hash (not only one of its
+    crop hashes) has this band; two nodes that both came in through crop hashes alone need not
+    be compared.
     """
-    nodes = sorted(nodes)
     if bucket[0] == "sha":
+        nodes = sorted(entries)
         yield from ((nodes[0], n) for n in nodes[1:])
         return
+    full: dict[Node, bool] = {}
+    for node, via_full in entries:
+        full[node] = full.get(node, False) or via_full
+    nodes = sorted(full)
     if len(nodes) <= MAX_BUCKET:
         pairs: Iterable[tuple[Node, Node]] = itertools.combinations(nodes, 2)
     else:
@@ -93,7 +127,9 @@ def bucket_edges(bucket: tuple, nodes: list[Node], max_hamming: int) -> Iterator
             (a, b) for i, a in enumerate(nodes) for b in nodes[i + 1 : i + 1 + WINDOW]
         )
     for a, b in pairs:
-        if a.sha256 == b.sha256 or hamming(a.phash, b.phash) <= max_hamming:
+        if not (full[a] or full[b]):
+            continue
+        if a.sha256 == b.sha256 or node_distance(a, b) <= max_hamming:
             yield a, b
 
 
@@ -120,11 +156,18 @@ def components(edges: Iterable[tuple[Node, Node]]) -> dict[str, tuple[Node, Node
     return {n.key: (n, find(n)) for n in list(parent) if find(n) != n}
 
 
-def describe(node: Node, survivor: Node) -> tuple[str, float]:
-    """(method, similarity) of ``node`` as a duplicate of ``survivor``."""
+def describe(node: Node, survivor: Node, max_hamming: int = DEFAULT_MAX_HAMMING
+             ) -> tuple[str, float]:
+    """(method, similarity) of ``node`` as a duplicate of ``survivor``.
+
+    A component can chain (a ~ b ~ c), so a member need not be within ``max_hamming`` of its
+    survivor; the reported similarity is still measured against the survivor."""
     if node.sha256 == survivor.sha256:
         return "sha256", 1.0
-    return "phash", 1.0 - hamming(node.phash, survivor.phash) / 64.0
+    full = hamming(node.phash, survivor.phash)
+    d = node_distance(node, survivor)
+    method = "phash_crop" if d < full and full > max_hamming else "phash"
+    return method, 1.0 - d / 64.0
 
 
 # ----------------------------------------------------------------------------- Beam
@@ -170,36 +213,49 @@ class EdgeList(beam.CombineFn):
 
 
 class _UnionFind(EdgeList):
+    def __init__(self, max_hamming: int = DEFAULT_MAX_HAMMING) -> None:
+        self.max_hamming = max_hamming
+
     def extract_output(self, acc):
-        return {k: (describe(n, s), s.key) for k, (n, s) in components(acc).items()}
+        return {k: (describe(n, s, self.max_hamming), s.key)
+                for k, (n, s) in components(acc).items()}
 
 
 class DedupByContent(beam.PTransform):
     """Records with sha256/phash → unique records (main) and ``duplicates``."""
 
-    def __init__(self, max_hamming: int = DEFAULT_MAX_HAMMING, enabled: bool = True):
+    def __init__(self, max_hamming: int = DEFAULT_MAX_HAMMING, enabled: bool = True,
+                 crops: bool = True):
         super().__init__()
         self.max_hamming = max_hamming
         self.enabled = enabled
+        self.crops = crops  # compare centre-crop pHashes too (catches cropped copies)
 
     def expand(self, records):
         if not self.enabled:
             dups = records.pipeline | "NoDuplicates" >> beam.Create([])
             return {"records": records, DUPLICATES: dups}
-        t = self.max_hamming
+        t, crops = self.max_hamming, self.crops
 
         def bucket_keys(r):
-            node = node_of(r)
+            node = node_of(r, crops)
             yield ("sha", node.sha256), node
+            seen = set()
             for band in band_keys(node.phash, t):
-                yield ("band", band), node
+                seen.add(band)
+                yield ("band", band), (node, True)
+            for c in node.crops:
+                for band in band_keys(c, t):
+                    if band not in seen:
+                        seen.add(band)
+                        yield ("band", band), (node, False)
 
         decisions = (
             records
             | "Buckets" >> beam.FlatMap(bucket_keys)
             | "GroupBuckets" >> beam.GroupByKey()
             | "Edges" >> beam.FlatMap(lambda kv: bucket_edges(kv[0], list(kv[1]), t))
-            | "Components" >> beam.CombineGlobally(_UnionFind())
+            | "Components" >> beam.CombineGlobally(_UnionFind(t))
         )
 
         def route(r, dup_map):

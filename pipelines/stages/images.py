@@ -12,7 +12,9 @@ first, so that bad inputs cost little:
 4. encode deterministically (fixed quality and subsampling, no EXIF/ICC, no progressive or
    optimised Huffman tables) and hash: ``sha256`` of the input bytes (img2dataset's hash) and
    a 64-bit DCT ``phash`` of the picture (before padding/cropping, so every resize mode
-   of the same picture hashes alike).
+   of the same picture hashes alike), plus ``phash_crops``: the pHashes of the picture's
+   centre crops at :data:`CROP_SCALES`, so dedup and decontamination also catch a copy that
+   was cropped by up to 10% a side (see ``stages/dedup.py``).
 
 Reject reasons: ``not_an_image``, ``truncated_image``, ``decompression_bomb``, ``too_small``,
 ``bad_aspect_ratio``, ``decode_error``.
@@ -78,6 +80,8 @@ class ImageConfig:
         "AVIF",
     )
     encode_quality: int = 95
+    # also hash the centre crops (``phash_crops``, ~1 ms an image) for crop-aware dedup
+    crop_hashes: bool = True
 
     def __post_init__(self) -> None:
         if self.resize_mode not in RESIZE_MODES:
@@ -99,6 +103,53 @@ class NormalisedImage:
     original_height: int
     sha256: str  # hex digest of the original input bytes
     phash: str  # 16 hex chars: 64-bit DCT perceptual hash of the decoded picture
+    # 16 hex chars per scale of CROP_SCALES: pHashes of the picture's centre crops
+    phash_crops: str = ""
+
+
+#: centre-crop scales (side of the crop / side of the picture) whose pHashes are kept beside the
+#: full picture's. A copy cropped by 2.5-10% a side (centred) hashes within a few bits of one of
+#: them (measured in tests/test_near_dup_variants.py); a 5% step leaves no gap between scales.
+CROP_SCALES = (0.95, 0.90, 0.85, 0.80)
+CROP_HASH_SIDE = 128
+
+
+def _phashes(grays: list[Image.Image]) -> list[str]:
+    """``imagehash.phash`` of each grey image (bit for bit), with the DCTs done in one batch."""
+    import scipy.fftpack
+
+    px = np.stack([np.asarray(g.resize((32, 32), Image.LANCZOS), dtype=np.float64)
+                   for g in grays])
+    low = scipy.fftpack.dct(scipy.fftpack.dct(px, axis=1), axis=2)[:, :8, :8].reshape(len(grays), 64)
+    bits = low > np.median(low, axis=1, keepdims=True)
+    return [row.tobytes().hex() for row in np.packbits(bits, axis=1)]
+
+
+def perceptual_hashes(picture: Image.Image, crops: bool = True) -> tuple[str, str]:
+    """(pHash of ``picture``, pHashes of its centre crops at CROP_SCALES, concatenated hex).
+
+    The full hash is ``imagehash.phash``'s, bit for bit. The crop hashes are taken from the
+    grey picture box-reduced to about 128 px first: a pHash only sees 32x32 pixels, and the
+    reduction keeps a crop hash within ~0.3 bits of imagehash's on average at a third of the
+    cost."""
+    gray = picture.convert("L")
+    if not crops:
+        return _phashes([gray])[0], ""
+    factor = max(1, min(gray.size) // CROP_HASH_SIDE)
+    small = gray.reduce(factor) if factor > 1 else gray
+    w, h = small.size
+    crops = []
+    for s in CROP_SCALES:
+        dx, dy = (w - w * s) / 2, (h - h * s) / 2
+        crops.append(small.crop((round(dx), round(dy), round(w - dx), round(h - dy))))
+    full, *cropped = _phashes([gray, *crops])
+    return full, "".join(cropped)
+
+
+def split_hashes(concatenated: str | None) -> list[int]:
+    """``"<16 hex><16 hex>..."`` (``phash_crops``) → the 64-bit ints."""
+    s = concatenated or ""
+    return [int(s[i : i + 16], 16) for i in range(0, len(s), 16)]
 
 
 def hamming(a_hex: str, b_hex: str) -> int:
@@ -320,7 +371,7 @@ def _normalise(data: bytes, cfg: ImageConfig) -> NormalisedImage | Reject:
         resized = scale is not None
         if resized:
             picture = _resample(picture, _target_size(ow, oh, scale, cfg))
-        phash = str(imagehash.phash(picture))
+        phash, phash_crops = perceptual_hashes(picture, cfg.crop_hashes)
         out = _finish_geometry(picture, cfg, resized)
         return NormalisedImage(
             data=_encode(out, cfg),
@@ -330,6 +381,7 @@ def _normalise(data: bytes, cfg: ImageConfig) -> NormalisedImage | Reject:
             original_height=oh,
             sha256=sha256,
             phash=phash,
+            phash_crops=phash_crops,
         )
 
 
@@ -366,6 +418,7 @@ class DecodeDoFn(beam.DoFn):
             original_height=result.original_height,
             sha256=result.sha256,
             phash=result.phash,
+            _phash_crops=result.phash_crops,
             # dedup prefers the least recompressed copy: more original bytes at equal pixels
             _original_bytes=len(body),
         )
