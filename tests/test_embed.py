@@ -13,7 +13,14 @@ from pipelines.demo.tiny_models import build_tiny_clip
 from pipelines.models.handlers import OpenClipImageTextEmbedder
 from pipelines.records import REJECTS
 from pipelines.sinks.embeddings import WriteEmbeddings, load_embeddings
-from pipelines.stages.clip_filter import ClipScoreFilter, top_cutoff, top_decision
+from pipelines.stages.clip_filter import (
+    BINS,
+    ClipScoreFilter,
+    boundary,
+    score_bin,
+    top_cutoff,
+    top_decision,
+)
 from pipelines.stages.embed import Embed
 from pipelines.stages.images import ImageConfig, normalise_image
 
@@ -61,6 +68,45 @@ def test_clip_top_percent_is_per_source_and_deterministic():
     assert sorted(keep) == ["k0", "k1"]
     rej = top_decision({"key": "k2", "source": "a", "clip_score": 0.1}, cut, 50)
     assert rej.reason == "low_clip_score" and rej.score == 0.1 and rej.stage == "clip_filter"
+
+
+def test_histogram_boundary_finds_the_exact_cut():
+    import random
+
+    rnd = random.Random(4)
+    for n, percent in ((1, 50), (7, 10), (500, 30), (2000, 99.9), (300, 100)):
+        # coarse scores: many ties, many records per bin
+        items = [(round(rnd.uniform(-0.2, 0.5), 2), f"k{i:05d}") for i in range(n)]
+        hist = {}
+        for sc, _ in items:
+            hist[score_bin(sc)] = hist.get(score_bin(sc), 0) + 1
+        b, need = boundary(hist, percent)
+        inside = sorted((-sc, k) for sc, k in items if score_bin(sc) == b)
+        assert inside[need - 1] == top_cutoff(items, percent)
+    assert score_bin(-1.0) == 0 and score_bin(1.0) == BINS - 1 and score_bin(7) == BINS - 1
+
+
+def test_top_percent_in_beam_matches_the_exact_sort():
+    import random
+
+    rnd = random.Random(9)
+    recs = [{"key": f"k{i:04d}", "subset": "t", "source": "ab"[i % 2], "source_id": str(i),
+             "url": None, "clip_score": round(rnd.uniform(0.0, 0.4), 3)} for i in range(400)]
+    recs[5]["clip_score"] = None
+    recs[6]["clip_score"] = float("nan")
+    expected = []
+    for src in "ab":
+        items = [(r["clip_score"], r["key"]) for r in recs
+                 if r["source"] == src and r["clip_score"] is not None
+                 and r["clip_score"] == r["clip_score"]]
+        cut = top_cutoff(items, 25)
+        expected += [k for sc, k in items if (-sc, k) <= cut]
+    assert len(expected) == 50 + 50  # ceil(25% of 199) + ceil(25% of 200)
+    with TestPipeline() as p:
+        out = p | beam.Create(recs) | ClipScoreFilter(top_percent=25)
+        assert_that(out["records"] | beam.Map(lambda r: r["key"]), equal_to(expected))
+        assert_that(out[REJECTS] | "N" >> beam.combiners.Count.Globally(),
+                    equal_to([400 - len(expected)]), label="rejects")
 
 
 def test_embed_filter_and_embeddings_folder(tiny, tmp_path):
