@@ -236,5 +236,8 @@ def test_embeddings_semantic_dedup_and_decontamination(world, build, tmp_path, c
     assert img.shape[0] == txt.shape[0] == meta.num_rows == stats["kept"]
     assert meta["key"].to_pylist() == [r["key"] for r in index2]
     assert meta["shard"].to_pylist() == [r["shard"] for r in index2]
+    # stats.json/manifest.json were written after the embeddings parts, and count them
+    parts = glob.glob(str(b2 / "embeddings" / "img_emb" / "*.npy"))
+    assert json.loads((b2 / "manifest.json").read_text())["embedding_parts"] == len(parts)
     dups = pq.read_table(str(b2 / "duplicates")).to_pylist()
     assert all(d["similarity"] >= 0.9998 - 1e-6 for d in dups if d["method"] == "semantic")

@@ -110,3 +110,16 @@ def test_shards_must_hold_what_was_kept(tmp_path):
         wb._finish(None, inputs=[("laion", 2)], kept=[("laion", 2)], rejected=[], dups=[],
                    shards=[("pub11-00000.tar", 1)], files=[])
     assert not (tmp_path / "stats.json").exists()
+
+
+def test_embeddings_must_hold_what_was_kept(tmp_path):
+    """stats.json waits for the embeddings folder and checks its row count."""
+    wb = WriteBuild(str(tmp_path), "rs5m", "pub11", {})
+    args = dict(inputs=[("laion", 2)], kept=[("laion", 2)], rejected=[], dups=[],
+                shards=[("pub11-00000.tar", 2)], files=[])
+    with pytest.raises(AccountingError, match="embeddings folder holds 1 rows but 2"):
+        wb._finish(None, **args, embeddings=[(0, 1)])
+    assert not (tmp_path / "stats.json").exists()
+    wb._finish(None, **args, embeddings=[(0, 1), (1, 1)])
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["embedding_parts"] == 2 and (tmp_path / "stats.json").exists()

@@ -322,11 +322,12 @@ def build(p: beam.Pipeline, cfg: dict[str, Any], runner: str = "DirectRunner"):
         enabled=cfg["semdedup"],
     )
     kept = sem["records"]
+    emb_parts = None
     if cfg.get("embeddings_dir"):
         from pipelines.sinks.embeddings import WriteEmbeddings
 
-        _ = kept | "Embeddings" >> WriteEmbeddings(cfg["embeddings_dir"], SUBSET,
-                                                   cfg["samples_per_shard"])
+        emb_parts = kept | "Embeddings" >> WriteEmbeddings(cfg["embeddings_dir"], SUBSET,
+                                                           cfg["samples_per_shard"])
     rejects = (
         read[REJECTS], keyword[REJECTS], fetched[REJECTS], decoded[REJECTS], rs[REJECTS],
         *stage_rejects,
@@ -339,6 +340,7 @@ def build(p: beam.Pipeline, cfg: dict[str, Any], runner: str = "DirectRunner"):
         "kept": kept,
         "rejects": rejects,
         "duplicates": duplicates,
+        "embeddings": emb_parts,
     } | "Write" >> WriteBuild(
         cfg["output"], RECIPE, SUBSET, manifest(cfg, runner), cfg["samples_per_shard"]
     )

@@ -257,8 +257,11 @@ class WriteBuild(beam.PTransform):
     """Writes everything of a build and checks the accounting before declaring success.
 
     Input: a dict ``{"inputs": records as read, "kept": ..., "rejects": ..., "duplicates":
-    ...}``. Writes shards, index, rejects, duplicates, then ``stats.json``, ``sizes.json``
-    (top level and beside the shards, where open_clip looks) and ``manifest.json``.
+    ...}`` and, when an embeddings folder is written, ``"embeddings"``: the (part, rows) that
+    ``WriteEmbeddings`` outputs. Writes shards, index, rejects, duplicates, then
+    ``stats.json``, ``sizes.json`` (top level and beside the shards, where open_clip looks)
+    and ``manifest.json``. These come after every other file, the embeddings parts included,
+    and only when the embeddings hold exactly the kept rows.
     """
 
     def __init__(self, output: str, recipe: str, subset: str, manifest: dict[str, Any],
@@ -295,6 +298,8 @@ class WriteBuild(beam.PTransform):
                 | "FileList" >> beam.combiners.ToList()
             ),
         }
+        if pcolls.get("embeddings") is not None:
+            side["embeddings"] = pcolls["embeddings"] | "EmbParts" >> beam.combiners.ToList()
         return (
             pcolls["inputs"].pipeline
             | "Once" >> beam.Create([None])
@@ -304,7 +309,7 @@ class WriteBuild(beam.PTransform):
             )
         )
 
-    def _finish(self, _, inputs, kept, rejected, dups, shards, files):
+    def _finish(self, _, inputs, kept, rejected, dups, shards, files, embeddings=None):
         stats = build_stats(
             recipe=self.recipe,
             subset=self.subset,
@@ -321,10 +326,18 @@ class WriteBuild(beam.PTransform):
             raise AccountingError(
                 f"shards hold {sum(sizes.values())} samples but {stats['kept']} were kept"
             )
+        extra = {}
+        if embeddings is not None:
+            rows = sum(n for _, n in embeddings)
+            if rows != stats["kept"]:
+                raise AccountingError(
+                    f"the embeddings folder holds {rows} rows but {stats['kept']} were kept")
+            extra["embedding_parts"] = len(embeddings)
         dump = lambda d: (json.dumps(d, indent=2, sort_keys=True) + "\n").encode()  # noqa: E731
         write_atomic(join(self.output, "shards", "sizes.json"), dump(sizes))
         write_atomic(join(self.output, "sizes.json"), dump(sizes))
-        manifest = dict(self.manifest, shards=sorted(sizes), tables=sorted(n for n, _ in files))
+        manifest = dict(self.manifest, shards=sorted(sizes), tables=sorted(n for n, _ in files),
+                        **extra)
         write_atomic(join(self.output, "manifest.json"), dump(manifest))
         # stats.json last: its presence means the build completed and its accounting held
         write_atomic(join(self.output, "stats.json"), dump(stats))
