@@ -100,3 +100,63 @@ def test_planted_benchmark_images_are_removed(world, use_embeddings):
             label="rejects")
         assert_that(out["records"] | beam.Map(lambda r: r["key"]),
                     equal_to([f"clean{i}" for i in range(6, 16)]), label="kept")
+
+
+def _random_index(n, rng, dim=16, k=4):
+    from pipelines.stages.decontam import BenchmarkIndex
+
+    phashes = rng.integers(0, 2**63, n, dtype=np.uint64) * np.uint64(2) + np.uint64(1)
+    crops = rng.integers(0, 2**63, (n, k), dtype=np.uint64)
+    emb = rng.normal(size=(n, dim)).astype(np.float32)
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    return BenchmarkIndex([f"b{i % 3}" for i in range(n)], [f"img{i}" for i in range(n)],
+                          phashes, crops, emb)
+
+
+def _flip(h, bits, rng):
+    for b in rng.choice(64, bits, replace=False):
+        h ^= 1 << int(b)
+    return h
+
+
+def test_band_lookup_finds_what_brute_force_finds():
+    rng = np.random.default_rng(3)
+    idx = _random_index(3000, rng)
+    queries = []
+    for q in range(400):
+        i = int(rng.integers(len(idx)))
+        kind = q % 4
+        full = int(rng.integers(0, 2**63)) * 2
+        crops = "".join(f"{int(rng.integers(0, 2**63)):016x}" for _ in range(4))
+        if kind == 0:  # near a benchmark image's full hash
+            full = _flip(int(idx.phashes[i]), int(rng.integers(0, 7)), rng)
+        elif kind == 1:  # near one of its crop hashes
+            full = _flip(int(idx.crops[i, q % 4]), int(rng.integers(0, 7)), rng)
+        elif kind == 2:  # one of our crops is near its full hash
+            c = _flip(int(idx.phashes[i]), int(rng.integers(0, 7)), rng)
+            crops = f"{c:016x}" + crops[16:]
+        queries.append((f"{full:016x}", crops))
+    found = 0
+    for t in (0, 2, 4):
+        for phash, crops in queries:
+            ham = idx.hamming(phash, crops)
+            want = (int(ham.min()), int(np.argmin(ham))) if ham.min() <= t else None
+            assert idx.phash_match(phash, crops, t) == want
+            found += want is not None
+    assert found > 300  # the planted near matches are there to be found
+
+
+def test_nearest_is_exact_and_independent_of_batch_company():
+    from pipelines.stages import decontam
+
+    rng = np.random.default_rng(4)
+    idx = _random_index(decontam.BENCH_BLOCK + 500, rng)  # two benchmark blocks
+    q = rng.normal(size=(decontam.EMB_BATCH + 40, 16)).astype(np.float32)
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    best, arg = idx.nearest(q)
+    sims = q.astype(np.float64) @ idx.embeddings.T.astype(np.float64)
+    assert np.array_equal(arg, sims.argmax(axis=1))
+    np.testing.assert_allclose(best, sims.max(axis=1), atol=1e-5)
+    alone = [idx.nearest(q[i : i + 1]) for i in (0, 7, decontam.EMB_BATCH + 3)]
+    for (b, a), i in zip(alone, (0, 7, decontam.EMB_BATCH + 3), strict=True):
+        assert a[0] == arg[i] and b[0] == best[i]  # bitwise

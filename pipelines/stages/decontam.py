@@ -40,6 +40,9 @@ from pipelines.stages.images import split_hashes
 STAGE = "decontam"
 OVERLAP = "benchmark_overlap"
 MAIN = "records"
+#: records per matrix product against the benchmark embeddings, and benchmark rows per block
+EMB_BATCH = 256
+BENCH_BLOCK = 8192
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp", ".gif")
 
 
@@ -148,7 +151,8 @@ class BenchmarkIndex:
         return len(self.images)
 
     def hamming(self, phash: str, crops: str | None = None) -> np.ndarray:
-        """int64 [n]: ``dedup.distance`` from one image's hashes to every benchmark image."""
+        """int64 [n]: ``dedup.distance`` from one image's hashes to every benchmark image
+        (brute force; :meth:`phash_match` finds the same answer through band lookups)."""
         full = np.uint64(int(phash, 16))
         ham = np.bitwise_count(self.phashes ^ full).astype(np.int64)
         if self.crops.shape[1]:
@@ -157,26 +161,108 @@ class BenchmarkIndex:
             ham = np.minimum(ham, np.bitwise_count(self.phashes ^ np.uint64(c)))
         return ham
 
+    def _band_tables(self, max_hamming: int) -> tuple[dict, dict]:
+        """(band → ids by full or crop hash, band → ids by full hash), built once per worker.
+
+        Two hashes within ``max_hamming`` bits share one of ``max_hamming + 1`` bands
+        (pigeonhole, as in dedup), so a lookup finds every benchmark image in reach."""
+        cache = self.__dict__.setdefault("_bands", {})
+        if max_hamming not in cache:
+            from pipelines.stages.dedup import band_keys
+
+            any_hash: dict[tuple[int, int], list[int]] = {}
+            full_hash: dict[tuple[int, int], list[int]] = {}
+            for i, h in enumerate(self.phashes.tolist()):
+                for b in band_keys(h, max_hamming):
+                    any_hash.setdefault(b, []).append(i)
+                    full_hash.setdefault(b, []).append(i)
+                for c in self.crops[i].tolist():
+                    for b in band_keys(c, max_hamming):
+                        any_hash.setdefault(b, []).append(i)
+            cache[max_hamming] = (any_hash, full_hash)
+        return cache[max_hamming]
+
+    def phash_match(self, phash: str, crops: str | None, max_hamming: int
+                    ) -> tuple[int, int] | None:
+        """(distance, index) of the closest benchmark image within ``max_hamming`` bits (ties:
+        the first in (benchmark, image) order), or None."""
+        from pipelines.stages.dedup import band_keys
+
+        any_hash, full_hash = self._band_tables(max_hamming)
+        cand: set[int] = set()
+        for b in band_keys(int(phash, 16), max_hamming):
+            cand.update(any_hash.get(b, ()))
+        for c in split_hashes(crops):
+            for b in band_keys(c, max_hamming):
+                cand.update(full_hash.get(b, ()))
+        if not cand:
+            return None
+        ids = np.array(sorted(cand), dtype=np.int64)
+        full = np.uint64(int(phash, 16))
+        ham = np.bitwise_count(self.phashes[ids] ^ full).astype(np.int64)
+        if self.crops.shape[1]:
+            ham = np.minimum(ham, np.bitwise_count(self.crops[ids] ^ full).min(axis=1))
+        for c in split_hashes(crops):
+            ham = np.minimum(ham, np.bitwise_count(self.phashes[ids] ^ np.uint64(c)))
+        j = int(np.argmin(ham))
+        return (int(ham[j]), int(ids[j])) if ham[j] <= max_hamming else None
+
+    def nearest(self, embeddings: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(best cosine, index) per row of ``embeddings`` [m, D], exact.
+
+        Rows go through the matrix product in blocks of :data:`EMB_BATCH` (the last padded
+        with zeros) against benchmark blocks of :data:`BENCH_BLOCK`: every product has the same
+        shape whatever the batch's company, so a row's cosines, and the decision, do not
+        depend on which records share its batch. Ties: the first benchmark image."""
+        q = np.asarray(embeddings, np.float32).reshape(len(embeddings), -1)
+        best = np.full(len(q), -np.inf, np.float32)
+        arg = np.zeros(len(q), np.int64)
+        bench = self.embeddings
+        for r0 in range(0, len(q), EMB_BATCH):
+            block = np.zeros((EMB_BATCH, q.shape[1]), np.float32)
+            rows = q[r0 : r0 + EMB_BATCH]
+            block[: len(rows)] = rows
+            for c0 in range(0, len(bench), BENCH_BLOCK):
+                sims = block @ bench[c0 : c0 + BENCH_BLOCK].T
+                j = sims.argmax(axis=1)[: len(rows)]
+                v = sims[np.arange(len(rows)), j]
+                better = v > best[r0 : r0 + len(rows)]
+                best[r0 : r0 + len(rows)][better] = v[better]
+                arg[r0 : r0 + len(rows)][better] = j[better] + c0
+        return best, arg
+
+    def match_many(self, records: Sequence[dict[str, Any]], max_hamming: int,
+                   min_cosine: float | None, embedding_field: str = "_img_emb"
+                   ) -> list[tuple[str, str, str, float] | None]:
+        """(benchmark, image, how, score) of the closest benchmark image per record, or None.
+
+        pHash first (with the record's ``_phash_crops``), then the embedding's cosine."""
+        out: list[tuple[str, str, str, float] | None] = [None] * len(records)
+        if not len(self):
+            return out
+        todo = []
+        for n, r in enumerate(records):
+            hit = None
+            if r.get("phash") is not None and max_hamming >= 0:
+                hit = self.phash_match(r["phash"], r.get("_phash_crops"), max_hamming)
+            if hit is not None:
+                h, i = hit
+                out[n] = (self.benchmarks[i], self.images[i], f"phash hamming {h}", 1.0 - h / 64.0)
+            elif r.get(embedding_field) is not None:
+                todo.append(n)
+        if todo and self.embeddings is not None and min_cosine is not None:
+            best, arg = self.nearest(np.stack([records[n][embedding_field] for n in todo]))
+            for n, v, i in zip(todo, best.tolist(), arg.tolist(), strict=True):
+                if v >= min_cosine:
+                    out[n] = (self.benchmarks[i], self.images[i], f"cosine {v:.4f}", float(v))
+        return out
+
     def match(self, phash: str | None, embedding: np.ndarray | None, max_hamming: int,
               min_cosine: float | None, crops: str | None = None
               ) -> tuple[str, str, str, float] | None:
-        """(benchmark, image, how, score) of the closest benchmark image, or None.
-
-        ``crops``: the record's centre-crop pHashes (``_phash_crops``), when it has them."""
-        if not len(self):
-            return None
-        if phash is not None and max_hamming >= 0:
-            ham = self.hamming(phash, crops)
-            h = int(ham.min())
-            if h <= max_hamming:
-                i = int(np.flatnonzero(ham == h)[0])
-                return self.benchmarks[i], self.images[i], f"phash hamming {h}", 1.0 - h / 64.0
-        if embedding is not None and self.embeddings is not None and min_cosine is not None:
-            sims = self.embeddings @ np.asarray(embedding, np.float32)
-            i = int(np.argmax(sims))
-            if sims[i] >= min_cosine:
-                return self.benchmarks[i], self.images[i], f"cosine {sims[i]:.4f}", float(sims[i])
-        return None
+        """:meth:`match_many` for one record's ``phash``, ``crops`` and ``embedding``."""
+        rec = {"phash": phash, "_phash_crops": crops, "_img_emb": embedding}
+        return self.match_many([rec], max_hamming, min_cosine)[0]
 
 
 def _crop_matrix(crops: Sequence[str | None]) -> np.ndarray:
@@ -185,15 +271,26 @@ def _crop_matrix(crops: Sequence[str | None]) -> np.ndarray:
     return np.array([r[:k] for r in rows], dtype=np.uint64).reshape(len(rows), k)
 
 
+def decontam_decisions(records: Sequence[dict[str, Any]], index: BenchmarkIndex,
+                       max_hamming: int, min_cosine: float | None,
+                       embedding_field: str = "_img_emb") -> list[dict[str, Any] | Reject]:
+    """Each record, or its ``benchmark_overlap`` reject."""
+    out: list[dict[str, Any] | Reject] = []
+    for r, hit in zip(records, index.match_many(records, max_hamming, min_cosine,
+                                                embedding_field), strict=True):
+        if hit is None:
+            out.append(r)
+            continue
+        bench, image, how, score = hit
+        out.append(Reject(stage=STAGE, reason=OVERLAP, detail=f"{bench}: {image} ({how})",
+                          score=score))
+    return out
+
+
 def decontam_decision(record: dict[str, Any], index: BenchmarkIndex, max_hamming: int,
                       min_cosine: float | None,
                       embedding_field: str = "_img_emb") -> dict[str, Any] | Reject:
-    hit = index.match(record.get("phash"), record.get(embedding_field), max_hamming, min_cosine,
-                      record.get("_phash_crops"))
-    if hit is None:
-        return record
-    bench, image, how, score = hit
-    return Reject(stage=STAGE, reason=OVERLAP, detail=f"{bench}: {image} ({how})", score=score)
+    return decontam_decisions([record], index, max_hamming, min_cosine, embedding_field)[0]
 
 
 def benchmark_record(item: tuple[str, str, str], image_cfg) -> dict[str, Any] | None:
@@ -257,15 +354,19 @@ class Decontaminate(beam.PTransform):
         )
         t, c, field = self.max_hamming, self.min_cosine, self.embedding_field
 
-        def route(r, idx):
-            d = decontam_decision(r, idx, t, c, field)
-            if isinstance(d, Reject):
-                yield beam.pvalue.TaggedOutput(REJECTS, reject_row(r, d))
-            else:
-                yield d
+        def route(batch, idx):
+            for r, d in zip(batch, decontam_decisions(batch, idx, t, c, field), strict=True):
+                if isinstance(d, Reject):
+                    yield beam.pvalue.TaggedOutput(REJECTS, reject_row(r, d))
+                else:
+                    yield d
 
-        return records | "Decontam" >> beam.FlatMap(
-            route, idx=beam.pvalue.AsSingleton(index)).with_outputs(REJECTS, main=MAIN)
+        return (
+            records
+            | "DecontamBatch" >> beam.BatchElements(min_batch_size=1, max_batch_size=EMB_BATCH)
+            | "Decontam" >> beam.FlatMap(route, idx=beam.pvalue.AsSingleton(index))
+            .with_outputs(REJECTS, main=MAIN)
+        )
 
 
 def removed_table(output: str) -> list[dict[str, Any]]:
