@@ -19,7 +19,7 @@ from PIL import Image, ImageOps
 from pipelines.demo import pub11, scenes
 from pipelines.demo.pub11 import PLANTED_KINDS, build_pub11
 
-SMALL = {"n_rs": 10, "n_non_rs": 9, "n_probe": 4}
+SMALL = {"n_rs": 12, "n_non_rs": 9, "n_probe": 4}
 
 
 def _free_port() -> int:
@@ -181,7 +181,7 @@ def test_every_planted_kind_is_present_with_its_expectation(gt):
 
 def test_row_mix(gt):
     rs = [r for r in gt if r["is_rs"] and not r["planted"] and not r["duplicate_group"]]
-    assert len(rs) == SMALL["n_rs"] - 8  # 8 clean rows are the originals of duplicate groups
+    assert len(rs) == SMALL["n_rs"] - 10  # 10 clean rows are the originals of duplicate groups
     everyday = [r for r in gt if r["everyday_kind"] and not r["planted"]]
     assert everyday and all(r["expected_reason"] == "no_keyword" for r in everyday)
     assert all(not r["is_rs"] for r in _rows(gt, "rs_keyword_decoy"))
@@ -388,7 +388,7 @@ def test_duplicate_groups(world, gt):
     for r in gt:
         if r["duplicate_group"]:
             groups.setdefault(r["duplicate_group"], []).append(r)
-    assert len(groups) == 8
+    assert len(groups) == 10
     for members in groups.values():
         assert len(members) == 2
         assert sorted(m["expected"] for m in members) == ["duplicate", "kept"]
@@ -403,6 +403,16 @@ def test_duplicate_groups(world, gt):
             assert dup["key"] == max(m["key"] for m in members)  # smallest key survives
         elif copy["planted"] == "same_bytes":
             assert copy["url"] != orig["url"] and a == b
+        elif copy["planted"] == "cropped_copy":
+            # the full pHash misses the crop; the pipeline's crop-aware distance catches it
+            from pipelines.stages.dedup import distance
+            from pipelines.stages.images import hamming, normalise_image, split_hashes
+
+            na, nb = normalise_image(a), normalise_image(b)
+            assert hamming(na.phash, nb.phash) > 4
+            assert distance(int(na.phash, 16), split_hashes(na.phash_crops), int(nb.phash, 16),
+                            split_hashes(nb.phash_crops)) <= 4
+            assert dup is copy and copy["width"] < orig["width"]
         else:
             assert a != b
             pa_, pb_ = _phash(Image.open(io.BytesIO(a))), _phash(Image.open(io.BytesIO(b)))
@@ -416,7 +426,7 @@ def test_duplicate_groups(world, gt):
 
 def test_distinct_pictures_are_far_apart_in_phash(gt):
     rows = [r for r in gt if r["phash"] and r["image"] and r["planted"] not in
-            ("recompressed_copy", "resized_copy")]
+            ("recompressed_copy", "resized_copy", "cropped_copy")]
     hashes = {}
     for r in rows:
         hashes.setdefault(r["image"], int(r["phash"], 16))
@@ -443,7 +453,7 @@ def test_cli_build_if_missing_keeps_a_current_world(worlds, monkeypatch):
     monkeypatch.setattr(pub11, "build_pub11", lambda *a, **k: calls.append(a))
     before = os.path.getmtime(os.path.join(world, "world.json"))
     rc = cli.main(["build", "--out", world, "--port", str(port), "--seed", "3", "--if-missing",
-                   "--n-rs", "10", "--n-non-rs", "9", "--n-probe", "4"])
+                   "--n-rs", "12", "--n-non-rs", "9", "--n-probe", "4"])
     assert rc == 0 and calls == []
     assert models == [(os.path.join(world, "models"), 3)]  # no models yet: built
     assert os.path.getmtime(os.path.join(world, "world.json")) == before

@@ -50,7 +50,7 @@ from pipelines.demo import scenes
 log = logging.getLogger(__name__)
 
 #: bump whenever the bytes of a generated world change for the same seed
-GENERATOR_VERSION = "rs-corpus-demo-world/1.0"
+GENERATOR_VERSION = "rs-corpus-demo-world/1.1"  # 1.1: cropped copies; crop-aware distinctness
 DEFAULT_BASE_URL = "http://127.0.0.1:8707"
 #: nothing listens on the discard port: connection refused
 DEAD_BASE_URL = "http://127.0.0.1:9"
@@ -59,6 +59,7 @@ PART = "part-00000"
 JPEG_QUALITY = 90
 COPY_QUALITY = 40
 RESIZED_SCALE = 0.7
+CROP_SIDE = 0.05  # a cropped copy loses 5% of each side (centred)
 SLOW_SECONDS = 6  # beyond the fetch stage's 3 s timeout
 BIG_FILE_SIDE = 900  # a 900×900 noise PNG is ~2.4 MB, over a 2 MB byte cap
 TINY_SIDE = 16
@@ -98,6 +99,7 @@ PLANTED_KINDS: dict[str, tuple[str, str | None, str | None]] = {
     "same_bytes": ("duplicate", "dedup", "sha256"),
     "recompressed_copy": ("duplicate", "dedup", "phash"),
     "resized_copy": ("duplicate", "dedup", "phash"),
+    "cropped_copy": ("duplicate", "dedup", "phash_crop"),
     # the RS image filter: everyday photos whose captions pass the keyword filter
     "rs_keyword_decoy": ("rejected", "rs_filter", "non_rs"),
     # good rows a careless fetcher or decoder loses
@@ -191,6 +193,14 @@ def _phash(img: Image.Image) -> int:
     return int(str(imagehash.phash(img)), 16)
 
 
+def _hashes(img: Image.Image) -> tuple[int, list[int]]:
+    """(full pHash, centre-crop pHashes) as the pipeline's decode stage computes them."""
+    from pipelines.stages.images import perceptual_hashes, split_hashes
+
+    full, crops = perceptual_hashes(img.convert("RGB"))
+    return int(full, 16), split_hashes(crops)
+
+
 def _png_chunk(tag: bytes, data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
 
@@ -204,19 +214,28 @@ def decompression_bomb_png(width: int, height: int) -> bytes:
 
 
 class _PhashPool:
-    """pHashes of the distinct pictures so far; a new picture must be far from all of them."""
+    """pHashes of the distinct pictures so far; a new picture must be far from all of them,
+    by dedup's crop-aware distance (full hash against full and centre-crop hashes)."""
 
     def __init__(self) -> None:
         self.hashes: list[int] = []
+        self.crops: list[list[int]] = []
 
-    def min_distance(self, h: int) -> int:
+    def min_distance(self, h: int, crops: list[int] = ()) -> int:
         if not self.hashes:
             return 64
-        arr = np.asarray(self.hashes, dtype=np.uint64)
-        return int(np.bitwise_count(arr ^ np.uint64(h)).min())
+        full = np.asarray(self.hashes, dtype=np.uint64)
+        d = np.bitwise_count(full ^ np.uint64(h))
+        if self.crops and self.crops[0]:
+            d = np.minimum(d, np.bitwise_count(np.asarray(self.crops, np.uint64)
+                                               ^ np.uint64(h)).min(axis=1))
+        for c in crops:
+            d = np.minimum(d, np.bitwise_count(full ^ np.uint64(c)))
+        return int(d.min())
 
-    def add(self, h: int) -> None:
+    def add(self, h: int, crops: list[int] = ()) -> None:
         self.hashes.append(h)
+        self.crops.append(list(crops))
 
 
 class _World:
@@ -251,9 +270,9 @@ class _World:
         for attempt in range(20):
             rng = _rng(self.seed, stream, i, attempt)
             img, meta = scenes.render_scene(cls, rng, size)
-            h = _phash(img)
-            if self.pool.min_distance(h) >= MIN_PHASH_DISTANCE:
-                self.pool.add(h)
+            h, crops = _hashes(img)
+            if self.pool.min_distance(h, crops) >= MIN_PHASH_DISTANCE:
+                self.pool.add(h, crops)
                 return img, meta, h, rng
             self.redraws += 1
         raise RuntimeError(f"no distinct {cls} scene after 20 draws (stream {stream}, #{i})")
@@ -262,9 +281,9 @@ class _World:
         for attempt in range(20):
             rng = _rng(self.seed, stream, i, attempt)
             img, caption, kind = scenes.render_everyday_kind(kind, rng, size)
-            h = _phash(img)
-            if self.pool.min_distance(h) >= MIN_PHASH_DISTANCE:
-                self.pool.add(h)
+            h, crops = _hashes(img)
+            if self.pool.min_distance(h, crops) >= MIN_PHASH_DISTANCE:
+                self.pool.add(h, crops)
                 return img, caption, h, rng
             self.redraws += 1
         raise RuntimeError(f"no distinct {kind} photo after 20 draws (stream {stream}, #{i})")
@@ -480,8 +499,11 @@ def _planted_rows(w: _World) -> list[_Row]:
 
 
 def _duplicate_rows(w: _World, clean: list[_Row]) -> list[_Row]:
-    """Copies of clean RS rows: repeated URL, same bytes, recompressed, resized (2 each)."""
-    kinds = ("repeated_url", "same_bytes", "recompressed_copy", "resized_copy")
+    """Copies of clean RS rows: repeated URL, same bytes, recompressed, resized, cropped
+    (2 each)."""
+    from pipelines.stages.dedup import DEFAULT_MAX_HAMMING
+
+    kinds = ("repeated_url", "same_bytes", "recompressed_copy", "resized_copy", "cropped_copy")
     need = len(kinds) * PLANTED_COPIES
     if len(clean) < need:
         raise ValueError(f"n_rs must be at least {need} (the duplicate cases copy clean rows)")
@@ -506,14 +528,25 @@ def _duplicate_rows(w: _World, clean: list[_Row]) -> list[_Row]:
                 if kind == "recompressed_copy":
                     copy_img = src
                     copy_bytes = _encode(src, quality=COPY_QUALITY)
-                else:
+                elif kind == "resized_copy":
                     sw = max(1, round(src.width * RESIZED_SCALE))
                     sh = max(1, round(src.height * RESIZED_SCALE))
                     copy_img = src.resize((sw, sh), Image.Resampling.LANCZOS)
                     copy_bytes = _encode(copy_img)
+                else:
+                    dx, dy = round(src.width * CROP_SIDE), round(src.height * CROP_SIDE)
+                    copy_img = src.crop((dx, dy, src.width - dx, src.height - dy))
+                    copy_bytes = _encode(copy_img)
                 decoded = Image.open(io.BytesIO(copy_bytes))
-                if (_phash(decoded) ^ _phash(src)).bit_count() <= MAX_COPY_DISTANCE:
+                full = (_phash(decoded) ^ _phash(src)).bit_count()
+                if kind != "cropped_copy" and full <= MAX_COPY_DISTANCE:
                     break
+                if kind == "cropped_copy" and full > DEFAULT_MAX_HAMMING:
+                    # a genuine crop case (the full pHash misses it), near a crop hash
+                    h, crops = _hashes(src)
+                    near = min((_phash(decoded) ^ c).bit_count() for c in crops)
+                    if near <= MAX_COPY_DISTANCE:
+                        break
             g += 1
             group = f"dup-{g:03d}"
             orig.duplicate_group = group
@@ -524,13 +557,14 @@ def _duplicate_rows(w: _World, clean: list[_Row]) -> list[_Row]:
                 image = w.write(f"{stem}-mirror.jpg", copy_bytes)
                 url = w.url(f"/img/{image}")
             else:
-                suffix = "q40" if kind == "recompressed_copy" else "small"
+                suffix = {"recompressed_copy": "q40", "resized_copy": "small"}.get(kind, "crop")
                 image = w.write(f"{stem}-{suffix}.jpg", copy_bytes)
                 url = w.url(f"/img/{image}")
             row = _Row(url=url, caption=caption, is_rs=True, scene_class=orig.scene_class,
                        image=image, width=copy_img.width, height=copy_img.height,
                        phash=_hex(_phash(Image.open(io.BytesIO(copy_bytes)))),
-                       objects=orig.objects, boxes=None if kind == "resized_copy" else orig.boxes,
+                       objects=orig.objects,
+                       boxes=None if kind in ("resized_copy", "cropped_copy") else orig.boxes,
                        duplicate_group=group)
             rows.append(_set_expect(row, kind))
     return rows
@@ -564,12 +598,21 @@ def _assign_sources(w: _World, clean: list[_Row], everyday: list[_Row], planted:
         kind = r.planted or ""
         r.source = SOURCES[(list(PLANTED_KINDS).index(kind) + counts[kind]) % len(SOURCES)]
         counts[kind] += 1
-    for r in dups:  # a repeated URL: once in another source, once in the same one
-        if r.planted == "repeated_url":
+    # a repeated URL: every second one in the same source as its original, the others in
+    # another source, picked so that the copies spread over as many sources as they can
+    repeated = [r for r in dups if r.planted == "repeated_url"]
+    used: list[str] = []
+    for i, r in enumerate(repeated):
+        orig = next(o for o in clean if o.duplicate_group == r.duplicate_group)
+        if i % 2 == 1:
+            r.source = orig.source
+            used.append(r.source)
+    for i, r in enumerate(repeated):
+        if i % 2 == 0:
             orig = next(o for o in clean if o.duplicate_group == r.duplicate_group)
-            same = counts["repeated_url_same"] % 2 == 1
-            counts["repeated_url_same"] += 1
-            r.source = orig.source if same else SOURCES[(SOURCES.index(orig.source) + 1) % 3]
+            others = [s for s in SOURCES if s != orig.source]
+            r.source = min(others, key=lambda s: (used.count(s), SOURCES.index(s)))
+            used.append(r.source)
     by_source: dict[str, list[_Row]] = {s: [] for s in SOURCES}
     for r in clean + everyday + planted + dups:
         by_source[r.source].append(r)

@@ -335,13 +335,10 @@ def build(p: beam.Pipeline, cfg: dict[str, Any], runner: str = "DirectRunner"):
     duplicates = (
         by_url[DUPLICATES], unique[DUPLICATES], sem[DUPLICATES]
     ) | "AllDuplicates" >> beam.Flatten()
-    return {
-        "inputs": inputs,
-        "kept": kept,
-        "rejects": rejects,
-        "duplicates": duplicates,
-        "embeddings": emb_parts,
-    } | "Write" >> WriteBuild(
+    outputs = {"inputs": inputs, "kept": kept, "rejects": rejects, "duplicates": duplicates}
+    if emb_parts is not None:
+        outputs["embeddings"] = emb_parts
+    return outputs | "Write" >> WriteBuild(
         cfg["output"], RECIPE, SUBSET, manifest(cfg, runner), cfg["samples_per_shard"]
     )
 
