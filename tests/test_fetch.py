@@ -398,3 +398,48 @@ def test_progress_logs_counts_and_rate(caplog):
         p.add("ok")
     assert "fetch: 3 done" in caplog.records[-1].getMessage()
     assert "ok 2, http_404 1" in caplog.records[-1].getMessage()
+
+
+def test_fetch_with_decode_equals_fetch_then_decode(demo_server):
+    """Decoding inside the fetch threads gives what a separate decode stage gives."""
+    from pipelines.stages.images import DecodeDoFn, ImageConfig
+
+    records = [
+        record("k1", demo_server.url("/img/a.jpg")),
+        record("k2", demo_server.url("/img/b.png")),
+        record("k3", demo_server.url("/img/gone.jpg")),  # fetch reject
+        record("k4", demo_server.url("/html")),  # decode reject: not an image
+        record("k5", demo_server.url("/img/c.jpg")),
+    ]
+    cfg = ImageConfig(image_size=64)
+
+    def rows(pcoll, label):
+        return pcoll | label >> beam.Map(lambda r: tuple(sorted(
+            (k, v if not isinstance(v, float) else round(v, 6)) for k, v in r.items()
+            if k not in ("detail",))))
+
+    with TestPipeline() as p:
+        src = p | beam.Create(records)
+        together = src | "Together" >> Fetch(FAST, batch_size=4, decode=cfg)
+        apart = src | "Apart" >> Fetch(FAST, batch_size=4)
+        decoded = apart.ok | beam.ParDo(DecodeDoFn(cfg)).with_outputs(REJECTS, main="ok")
+        want_ok = rows(decoded.ok, "WantOk") | "WantOkList" >> beam.combiners.ToList()
+        want_rej = ((apart[REJECTS], decoded[REJECTS]) | beam.Flatten()
+                    | "WantRej" >> beam.Map(lambda r: (r["key"], r["stage"], r["reason"]))
+                    | "WantRejList" >> beam.combiners.ToList())
+        got_ok = rows(together.ok, "GotOk") | "GotOkList" >> beam.combiners.ToList()
+        got_rej = (together[REJECTS]
+                   | "GotRej" >> beam.Map(lambda r: (r["key"], r["stage"], r["reason"]))
+                   | "GotRejList" >> beam.combiners.ToList())
+
+        def same(pair):
+            a, b = pair
+            assert sorted(a) == sorted(b) and a, (a, b)
+
+        _ = ((got_ok, want_ok) | "OkPair" >> beam.Flatten()
+             | "OkAll" >> beam.combiners.ToList() | "OkSame" >> beam.Map(same))
+        _ = ((got_rej, want_rej) | "RejPair" >> beam.Flatten()
+             | "RejAll" >> beam.combiners.ToList() | "RejSame" >> beam.Map(same))
+        assert_that(got_rej | "RejSorted" >> beam.Map(sorted),
+                    equal_to([[("k3", "fetch", "http_404"), ("k4", "decode", "not_an_image")]]),
+                    label="rejects")

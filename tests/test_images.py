@@ -464,3 +464,23 @@ def test_decode_transform_in_a_pipeline(smooth_image):
             equal_to([("k2", "truncated_image"), ("k3", "too_small")]),
             label="rejects",
         )
+
+
+def test_perceptual_hashes_match_imagehash_and_carry_crop_hashes():
+    import imagehash
+
+    from pipelines.demo.scenes import CLASSES, render_scene
+    from pipelines.stages.images import CROP_SCALES, perceptual_hashes, split_hashes
+
+    rng = np.random.default_rng(12)
+    for i, size in enumerate((64, 129, 256, 300, 517)):
+        img = render_scene(CLASSES[i % len(CLASSES)], rng, size)[0]
+        full, crops = perceptual_hashes(img)
+        assert full == str(imagehash.phash(img))  # bit for bit
+        assert len(split_hashes(crops)) == len(CROP_SCALES)
+        assert perceptual_hashes(img, crops=False) == (full, "")
+        # a centre crop's own full hash is within a few bits of the matching crop hash
+        w, h = img.size
+        dx, dy = round(w * 0.05), round(h * 0.05)
+        cropped = int(str(imagehash.phash(img.crop((dx, dy, w - dx, h - dy)))), 16)
+        assert (cropped ^ split_hashes(crops)[CROP_SCALES.index(0.90)]).bit_count() <= 4

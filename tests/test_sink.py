@@ -115,8 +115,8 @@ def test_shards_must_hold_what_was_kept(tmp_path):
 def test_embeddings_must_hold_what_was_kept(tmp_path):
     """stats.json waits for the embeddings folder and checks its row count."""
     wb = WriteBuild(str(tmp_path), "rs5m", "pub11", {})
-    args = dict(inputs=[("laion", 2)], kept=[("laion", 2)], rejected=[], dups=[],
-                shards=[("pub11-00000.tar", 2)], files=[])
+    args = {"inputs": [("laion", 2)], "kept": [("laion", 2)], "rejected": [], "dups": [],
+            "shards": [("pub11-00000.tar", 2)], "files": []}
     with pytest.raises(AccountingError, match="embeddings folder holds 1 rows but 2"):
         wb._finish(None, **args, embeddings=[(0, 1)])
     assert not (tmp_path / "stats.json").exists()

@@ -543,7 +543,7 @@ def _duplicate_rows(w: _World, clean: list[_Row]) -> list[_Row]:
                     break
                 if kind == "cropped_copy" and full > DEFAULT_MAX_HAMMING:
                     # a genuine crop case (the full pHash misses it), near a crop hash
-                    h, crops = _hashes(src)
+                    _, crops = _hashes(src)
                     near = min((_phash(decoded) ^ c).bit_count() for c in crops)
                     if near <= MAX_COPY_DISTANCE:
                         break

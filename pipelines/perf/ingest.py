@@ -361,7 +361,8 @@ def ours_command(url_list: Path, output: Path, s: Settings) -> list[str]:
 
 
 def build_ingest(p: Any, url_glob: str, output: str, s: Settings) -> Any:
-    """read → fetch → decode/resize → shards, on pipeline ``p``; the stats PCollection.
+    """read → fetch + decode/resize (in the fetch threads) → shards, on pipeline ``p``; the
+    stats PCollection.
 
     The same stages and sink as a recipe (``pipelines/recipes/rs5m.py``) minus its filters,
     dedup and models. The Reshuffle after reading stands in for the recipe's URL dedup (a
@@ -373,25 +374,23 @@ def build_ingest(p: Any, url_glob: str, output: str, s: Settings) -> Any:
     from pipelines.sinks.shards import WriteBuild
     from pipelines.sources.laion import ColumnMap, ReadLaionParquet
     from pipelines.stages.fetch import Fetch, FetchConfig
-    from pipelines.stages.images import DecodeDoFn, ImageConfig
+    from pipelines.stages.images import ImageConfig
 
     read = p | "Read" >> ReadLaionParquet(url_glob, ColumnMap(url_col="url", caption_col="caption"),
                                           SUBSET)
     spread = read.records | "Spread" >> beam.Reshuffle()
-    fetched = spread | "Fetch" >> Fetch(
+    fetched = spread | "FetchDecode" >> Fetch(
         FetchConfig(timeout=float(s.timeout), retries=0, threads=s.threads),
         batch_size=s.batch_size,
+        decode=ImageConfig(image_size=s.image_size, resize_mode=s.resize_mode,
+                           encode_quality=s.encode_quality),
     )
-    decoded = fetched.ok | "Decode" >> beam.ParDo(
-        DecodeDoFn(ImageConfig(image_size=s.image_size, resize_mode=s.resize_mode,
-                               encode_quality=s.encode_quality))
-    ).with_outputs(REJECTS, main="records")
     inputs = (read.records, read[REJECTS]) | "AllInputs" >> beam.Flatten()
-    rejects = (read[REJECTS], fetched[REJECTS], decoded[REJECTS]) | "AllRejects" >> beam.Flatten()
+    rejects = (read[REJECTS], fetched[REJECTS]) | "AllRejects" >> beam.Flatten()
     duplicates = p | "NoDuplicates" >> beam.Create([])
     manifest = {"recipe": "perf-ingest", "config": dataclasses.asdict(s)}
     return {
-        "inputs": inputs, "kept": decoded.records, "rejects": rejects, "duplicates": duplicates,
+        "inputs": inputs, "kept": fetched.ok, "rejects": rejects, "duplicates": duplicates,
     } | "Write" >> WriteBuild(output, "perf-ingest", SUBSET, manifest, s.samples_per_shard)
 
 

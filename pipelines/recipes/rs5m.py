@@ -39,7 +39,7 @@ from pipelines.stages.decontam import Decontaminate, parse_specs
 from pipelines.stages.dedup import DEFAULT_MAX_HAMMING, DedupByContent, DedupByUrl
 from pipelines.stages.embed import Embed
 from pipelines.stages.fetch import Fetch, FetchConfig
-from pipelines.stages.images import DecodeDoFn, ImageConfig
+from pipelines.stages.images import ImageConfig
 from pipelines.stages.keywords import KeywordFilter
 from pipelines.stages.rs_filter import RSFilter
 from pipelines.stages.semdedup import SemanticDedup, SemDedupConfig
@@ -263,7 +263,6 @@ def build(p: beam.Pipeline, cfg: dict[str, Any], runner: str = "DirectRunner"):
         respect_noai=cfg["respect_noai"],
         threads=cfg["thread_count"],
     )
-    fetched = by_url.records | "Fetch" >> Fetch(fetch_cfg)
     image_cfg = ImageConfig(
         image_size=cfg["image_size"],
         resize_mode=cfg["resize_mode"],
@@ -273,10 +272,10 @@ def build(p: beam.Pipeline, cfg: dict[str, Any], runner: str = "DirectRunner"):
         encode_quality=cfg["encode_quality"],
         crop_hashes=cfg["dedup_crops"],
     )
-    decoded = fetched.ok | "Decode" >> beam.ParDo(DecodeDoFn(image_cfg)).with_outputs(
-        REJECTS, main="records"
-    )
-    unique = decoded.records | "Dedup" >> DedupByContent(
+    # each body is decoded in the thread that fetched it: decoding (PIL releases the GIL)
+    # overlaps with the other downloads in flight; decode rejects keep their stage
+    fetched = by_url.records | "FetchDecode" >> Fetch(fetch_cfg, decode=image_cfg)
+    unique = fetched.ok | "Dedup" >> DedupByContent(
         cfg["phash_hamming"], cfg["dedup"], crops=cfg["dedup_crops"])
     rs = unique["records"] | "RSFilter" >> RSFilter(
         cfg.get("rs_model"),
@@ -329,7 +328,7 @@ def build(p: beam.Pipeline, cfg: dict[str, Any], runner: str = "DirectRunner"):
         emb_parts = kept | "Embeddings" >> WriteEmbeddings(cfg["embeddings_dir"], SUBSET,
                                                            cfg["samples_per_shard"])
     rejects = (
-        read[REJECTS], keyword[REJECTS], fetched[REJECTS], decoded[REJECTS], rs[REJECTS],
+        read[REJECTS], keyword[REJECTS], fetched[REJECTS], rs[REJECTS],
         *stage_rejects,
     ) | "AllRejects" >> beam.Flatten()
     duplicates = (

@@ -27,7 +27,7 @@ import threading
 import time
 import urllib.parse
 import urllib.request
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, Self
 
 import apache_beam as beam
@@ -352,11 +352,23 @@ class Fetcher:
     def fetch(self, url: str | None) -> bytes | Reject:
         return fetch_url(url, self.cfg, self.session)
 
-    def fetch_many(self, urls: Sequence[str | None]) -> list[bytes | Reject]:
-        """Fetch all ``urls`` concurrently; results are in input order."""
+    def fetch_many(self, urls: Sequence[str | None],
+                   then: Callable[[bytes], Any] | None = None) -> list[Any]:
+        """Fetch all ``urls`` concurrently; results are in input order.
+
+        ``then``: applied to each body inside the fetching thread, so that CPU work (decoding:
+        PIL releases the GIL) overlaps with the other downloads; a result is then either the
+        fetch's ``Reject`` or ``(len(body), then(body))``."""
         if self._closed:
             raise RuntimeError("Fetcher is closed")
-        return list(self._pool.map(self.fetch, urls))
+        if then is None:
+            return list(self._pool.map(self.fetch, urls))
+
+        def fetch_then(url: str | None) -> Any:
+            body = self.fetch(url)
+            return body if isinstance(body, Reject) else (len(body), then(body))
+
+        return list(self._pool.map(fetch_then, urls))
 
     def close(self) -> None:
         with self._lock:
@@ -384,11 +396,14 @@ class FetchDoFn(beam.DoFn):
     """Batch of records → each record with ``_body`` (main) or its reject row (``rejects``).
 
     Takes the lists that ``beam.BatchElements`` produces so that a whole batch is in flight at
-    once; a single record (a dict) is accepted too.
+    once; a single record (a dict) is accepted too. With ``decode`` (an ``ImageConfig``), each
+    body is decoded in its fetching thread and the main output is what ``DecodeDoFn`` would
+    have made of it (decode rejects go to ``rejects`` with stage ``decode``).
     """
 
-    def __init__(self, cfg: FetchConfig | None = None) -> None:
+    def __init__(self, cfg: FetchConfig | None = None, decode: Any = None) -> None:
         self.cfg = cfg or FetchConfig()
+        self.decode = decode
         self._fetcher: Fetcher | None = None
         self._counters: dict[str, Any] = {}
 
@@ -402,10 +417,10 @@ class FetchDoFn(beam.DoFn):
             self._fetcher.close()
             self._fetcher = None
 
-    def _count(self, name: str) -> None:
-        counter = self._counters.get(name)
+    def _count(self, name: str, stage: str = STAGE) -> None:
+        counter = self._counters.get((stage, name))
         if counter is None:
-            counter = self._counters[name] = beam.metrics.Metrics.counter(STAGE, name)
+            counter = self._counters[stage, name] = beam.metrics.Metrics.counter(stage, name)
         counter.inc()
 
     def process(self, batch: list[dict[str, Any]] | dict[str, Any]) -> Iterator[Any]:
@@ -413,7 +428,11 @@ class FetchDoFn(beam.DoFn):
         if self._fetcher is None:  # runners call setup(); this is for direct use
             self.setup()
         assert self._fetcher is not None
-        outcomes = self._fetcher.fetch_many([r.get("url") for r in records])
+        urls = [r.get("url") for r in records]
+        if self.decode is not None:
+            yield from self._fetch_and_decode(records, urls)
+            return
+        outcomes = self._fetcher.fetch_many(urls)
         for record, outcome in zip(records, outcomes, strict=True):
             self._count(outcome_name(outcome))
             self._progress.add(outcome_name(outcome))
@@ -423,22 +442,46 @@ class FetchDoFn(beam.DoFn):
                 self._bytes.update(len(outcome))
                 yield {**record, "_body": outcome}
 
+    def _fetch_and_decode(self, records: list[dict[str, Any]], urls: list[Any]) -> Iterator[Any]:
+        from pipelines.stages import images
+
+        cfg = self.decode
+        outcomes = self._fetcher.fetch_many(urls, lambda body: images.normalise_image(body, cfg))
+        for record, outcome in zip(records, outcomes, strict=True):
+            if isinstance(outcome, Reject):
+                self._count(outcome.reason)
+                self._progress.add(outcome.reason)
+                yield beam.pvalue.TaggedOutput(REJECTS, reject_row(record, outcome))
+                continue
+            nbytes, result = outcome
+            self._count("ok")
+            self._progress.add("ok")
+            self._bytes.update(nbytes)
+            self._count(result.reason if isinstance(result, Reject) else "ok", images.STAGE)
+            yield images.decoded_output(record, result, nbytes)
+
 
 class Fetch(beam.PTransform):
     """Records → ``{"ok": records with _body, "rejects": reject rows}`` (a DoOutputsTuple).
 
     ``batch_size`` records are fetched concurrently per call (default: ``cfg.threads``).
+    ``decode``: an ``images.ImageConfig`` to decode each body in its fetching thread; ``ok``
+    then holds decoded records (``_image`` and the image fields, no ``_body``) and
+    ``rejects`` the decode rejects too.
     """
 
-    def __init__(self, cfg: FetchConfig | None = None, batch_size: int | None = None) -> None:
+    def __init__(self, cfg: FetchConfig | None = None, batch_size: int | None = None,
+                 decode: Any = None) -> None:
         super().__init__()
         self.cfg = cfg or FetchConfig()
         self.batch_size = batch_size or self.cfg.threads
+        self.decode = decode
 
     def expand(self, records: beam.PCollection) -> Any:
         return (
             records
             | "Batch"
             >> beam.BatchElements(min_batch_size=self.batch_size, max_batch_size=self.batch_size)
-            | "Fetch" >> beam.ParDo(FetchDoFn(self.cfg)).with_outputs(REJECTS, main="ok")
+            | "Fetch" >> beam.ParDo(FetchDoFn(self.cfg, self.decode))
+            .with_outputs(REJECTS, main="ok")
         )

@@ -30,7 +30,6 @@ from collections.abc import Iterator
 from typing import Any
 
 import apache_beam as beam
-import imagehash
 import numpy as np
 from PIL import Image, ImageOps
 from PIL.JpegImagePlugin import JpegImageFile  # MPO (multi-picture JPEG) included
@@ -404,25 +403,30 @@ class DecodeDoFn(beam.DoFn):
             result: NormalisedImage | Reject = _reject("not_an_image", "record has no _body")
         else:
             result = normalise_image(body, self.cfg)
-        if isinstance(result, Reject):
-            self._count(result.reason)
-            yield beam.pvalue.TaggedOutput(REJECTS, reject_row(record, result))
-            return
-        self._count("ok")
-        out = {k: v for k, v in record.items() if k != "_body"}
-        out.update(
-            _image=result.data,
-            width=result.width,
-            height=result.height,
-            original_width=result.original_width,
-            original_height=result.original_height,
-            sha256=result.sha256,
-            phash=result.phash,
-            _phash_crops=result.phash_crops,
-            # dedup prefers the least recompressed copy: more original bytes at equal pixels
-            _original_bytes=len(body),
-        )
-        yield out
+        self._count(result.reason if isinstance(result, Reject) else "ok")
+        yield decoded_output(record, result, len(body or b""))
+
+
+def decoded_output(record: dict[str, Any], result: NormalisedImage | Reject,
+                   original_bytes: int) -> Any:
+    """``record`` (its ``_body`` dropped) with the image fields of ``result``, or its reject
+    row tagged ``rejects``."""
+    if isinstance(result, Reject):
+        return beam.pvalue.TaggedOutput(REJECTS, reject_row(record, result))
+    out = {k: v for k, v in record.items() if k != "_body"}
+    out.update(
+        _image=result.data,
+        width=result.width,
+        height=result.height,
+        original_width=result.original_width,
+        original_height=result.original_height,
+        sha256=result.sha256,
+        phash=result.phash,
+        _phash_crops=result.phash_crops,
+        # dedup prefers the least recompressed copy: more original bytes at equal pixels
+        _original_bytes=original_bytes,
+    )
+    return out
 
 
 class Decode(beam.PTransform):
