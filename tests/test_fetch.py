@@ -20,6 +20,7 @@ from pipelines.stages.fetch import (
     FetchDoFn,
     Fetcher,
     fetch_url,
+    make_session,
     noai_directive,
 )
 
@@ -443,3 +444,25 @@ def test_fetch_with_decode_equals_fetch_then_decode(demo_server):
         assert_that(got_rej | "RejSorted" >> beam.Map(sorted),
                     equal_to([[("k3", "fetch", "http_404"), ("k4", "decode", "not_an_image")]]),
                     label="rejects")
+
+
+def test_netrc_credentials_are_never_sent(demo_server, tmp_path, monkeypatch):
+    """A ~/.netrc entry for the host must not turn into an Authorization header."""
+    netrc = tmp_path / ".netrc"
+    netrc.write_text("machine 127.0.0.1 login user password secret\n")
+    netrc.chmod(0o600)
+    monkeypatch.setenv("NETRC", str(netrc))
+    seen = []
+    import requests
+
+    real_send = requests.adapters.HTTPAdapter.send
+
+    def spy(self, request, **kw):
+        seen.append(request.headers.get("Authorization"))
+        return real_send(self, request, **kw)
+
+    monkeypatch.setattr(requests.adapters.HTTPAdapter, "send", spy)
+    plain = requests.Session().get(demo_server.url("/img/a.jpg"), timeout=5)
+    assert plain.ok and seen[-1] is not None  # requests alone would send the netrc login
+    out = fetch_url(demo_server.url("/img/a.jpg"), FAST, make_session(FAST))
+    assert isinstance(out, bytes) and seen[-1] is None

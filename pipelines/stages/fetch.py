@@ -33,6 +33,7 @@ from typing import Any, Self
 import apache_beam as beam
 import requests
 import requests.adapters
+import requests.auth
 import urllib3.exceptions
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
@@ -89,9 +90,22 @@ def _reject(reason: str, detail: str | None = None) -> Reject:
 # --- HTTP ---------------------------------------------------------------------------------
 
 
+class _NoCredentials(requests.auth.AuthBase):
+    """Sends no credentials. Set on the session so that requests does not look up ``~/.netrc``
+    for every URL: a crawler must not hand a user's stored passwords to arbitrary hosts (and
+    the lookup, a few file-system calls per request, is measurable at 64 threads)."""
+
+    def __call__(self, r: requests.PreparedRequest) -> requests.PreparedRequest:
+        return r
+
+
 def make_session(cfg: FetchConfig) -> requests.Session:
-    """A ``requests.Session`` whose connection pool is sized to ``cfg.threads``."""
+    """A ``requests.Session`` whose connection pool is sized to ``cfg.threads``.
+
+    Proxies from the environment (``HTTP(S)_PROXY``, ``NO_PROXY``) still apply; ``~/.netrc``
+    does not (:class:`_NoCredentials`)."""
     session = requests.Session()
+    session.auth = _NoCredentials()
     adapter = requests.adapters.HTTPAdapter(
         pool_connections=16, pool_maxsize=cfg.threads, max_retries=0, pool_block=False
     )

@@ -31,6 +31,7 @@ from typing import Any
 
 import apache_beam as beam
 import numpy as np
+import scipy.fftpack  # imported here, not per call: 64 fetch threads contend for import locks
 from PIL import Image, ImageOps
 from PIL.JpegImagePlugin import JpegImageFile  # MPO (multi-picture JPEG) included
 
@@ -115,8 +116,6 @@ CROP_HASH_SIDE = 128
 
 def _phashes(grays: list[Image.Image]) -> list[str]:
     """``imagehash.phash`` of each grey image (bit for bit), with the DCTs done in one batch."""
-    import scipy.fftpack
-
     px = np.stack([np.asarray(g.resize((32, 32), Image.LANCZOS), dtype=np.float64)
                    for g in grays])
     low = scipy.fftpack.dct(scipy.fftpack.dct(px, axis=1), axis=2)[:, :8, :8].reshape(len(grays), 64)
@@ -137,11 +136,11 @@ def perceptual_hashes(picture: Image.Image, crops: bool = True) -> tuple[str, st
     factor = max(1, min(gray.size) // CROP_HASH_SIDE)
     small = gray.reduce(factor) if factor > 1 else gray
     w, h = small.size
-    crops = []
+    centres = []
     for s in CROP_SCALES:
         dx, dy = (w - w * s) / 2, (h - h * s) / 2
-        crops.append(small.crop((round(dx), round(dy), round(w - dx), round(h - dy))))
-    full, *cropped = _phashes([gray, *crops])
+        centres.append(small.crop((round(dx), round(dy), round(w - dx), round(h - dy))))
+    full, *cropped = _phashes([gray, *centres])
     return full, "".join(cropped)
 
 
