@@ -134,6 +134,8 @@ class BenchmarkIndex:
     phashes: np.ndarray  # uint64 [n]
     crops: np.ndarray  # uint64 [n, len(CROP_SCALES)] (or [n, 0]): centre-crop pHashes
     embeddings: np.ndarray | None  # float32 [n, D], L2-normalised
+    # max_hamming -> band tables (:meth:`_band_tables`), built on first use on each worker
+    _bands: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def build(cls, items: Sequence[dict[str, Any]]) -> BenchmarkIndex:
@@ -150,15 +152,19 @@ class BenchmarkIndex:
     def __len__(self) -> int:
         return len(self.images)
 
-    def hamming(self, phash: str, crops: str | None = None) -> np.ndarray:
-        """int64 [n]: ``dedup.distance`` from one image's hashes to every benchmark image
-        (brute force; :meth:`phash_match` finds the same answer through band lookups)."""
-        full = np.uint64(int(phash, 16))
-        ham = np.bitwise_count(self.phashes ^ full).astype(np.int64)
-        if self.crops.shape[1]:
-            ham = np.minimum(ham, np.bitwise_count(self.crops ^ full).min(axis=1))
+    def hamming(self, phash: str, crops: str | None = None,
+                ids: np.ndarray | None = None) -> np.ndarray:
+        """int64: ``dedup.distance`` from one image's hashes to the benchmark images ``ids``
+        (all of them by default: brute force; :meth:`phash_match` looks up candidates)."""
+        full, bench = np.uint64(int(phash, 16)), self.phashes
+        bench_crops = self.crops
+        if ids is not None:
+            bench, bench_crops = bench[ids], bench_crops[ids]
+        ham = np.bitwise_count(bench ^ full).astype(np.int64)
+        if bench_crops.shape[1]:
+            ham = np.minimum(ham, np.bitwise_count(bench_crops ^ full).min(axis=1))
         for c in split_hashes(crops):
-            ham = np.minimum(ham, np.bitwise_count(self.phashes ^ np.uint64(c)))
+            ham = np.minimum(ham, np.bitwise_count(bench ^ np.uint64(c)))
         return ham
 
     def _band_tables(self, max_hamming: int) -> tuple[dict, dict]:
@@ -166,7 +172,7 @@ class BenchmarkIndex:
 
         Two hashes within ``max_hamming`` bits share one of ``max_hamming + 1`` bands
         (pigeonhole, as in dedup), so a lookup finds every benchmark image in reach."""
-        cache = self.__dict__.setdefault("_bands", {})
+        cache = self._bands
         if max_hamming not in cache:
             from pipelines.stages.dedup import band_keys
 
@@ -198,12 +204,7 @@ class BenchmarkIndex:
         if not cand:
             return None
         ids = np.array(sorted(cand), dtype=np.int64)
-        full = np.uint64(int(phash, 16))
-        ham = np.bitwise_count(self.phashes[ids] ^ full).astype(np.int64)
-        if self.crops.shape[1]:
-            ham = np.minimum(ham, np.bitwise_count(self.crops[ids] ^ full).min(axis=1))
-        for c in split_hashes(crops):
-            ham = np.minimum(ham, np.bitwise_count(self.phashes[ids] ^ np.uint64(c)))
+        ham = self.hamming(phash, crops, ids)
         j = int(np.argmin(ham))
         return (int(ham[j]), int(ids[j])) if ham[j] <= max_hamming else None
 
@@ -257,13 +258,6 @@ class BenchmarkIndex:
                     out[n] = (self.benchmarks[i], self.images[i], f"cosine {v:.4f}", float(v))
         return out
 
-    def match(self, phash: str | None, embedding: np.ndarray | None, max_hamming: int,
-              min_cosine: float | None, crops: str | None = None
-              ) -> tuple[str, str, str, float] | None:
-        """:meth:`match_many` for one record's ``phash``, ``crops`` and ``embedding``."""
-        rec = {"phash": phash, "_phash_crops": crops, "_img_emb": embedding}
-        return self.match_many([rec], max_hamming, min_cosine)[0]
-
 
 def _crop_matrix(crops: Sequence[str | None]) -> np.ndarray:
     rows = [split_hashes(c) for c in crops]
@@ -285,12 +279,6 @@ def decontam_decisions(records: Sequence[dict[str, Any]], index: BenchmarkIndex,
         out.append(Reject(stage=STAGE, reason=OVERLAP, detail=f"{bench}: {image} ({how})",
                           score=score))
     return out
-
-
-def decontam_decision(record: dict[str, Any], index: BenchmarkIndex, max_hamming: int,
-                      min_cosine: float | None,
-                      embedding_field: str = "_img_emb") -> dict[str, Any] | Reject:
-    return decontam_decisions([record], index, max_hamming, min_cosine, embedding_field)[0]
 
 
 def benchmark_record(item: tuple[str, str, str], image_cfg) -> dict[str, Any] | None:
