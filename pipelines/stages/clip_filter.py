@@ -91,21 +91,6 @@ def top_decision(record: dict[str, Any], cutoff: tuple[float, str] | None,
     return record
 
 
-class _Collect(beam.CombineFn):
-    def create_accumulator(self):
-        return []
-
-    def add_input(self, acc, item):
-        acc.append(item)
-        return acc
-
-    def merge_accumulators(self, accs):
-        return [x for a in accs for x in a]
-
-    def extract_output(self, acc):
-        return acc
-
-
 class _Histogram(beam.CombineFn):
     """bin → count (sparse), per source."""
 
@@ -180,7 +165,7 @@ class ClipScoreFilter(beam.PTransform):
             cutoffs = (
                 scored
                 | "BoundaryBin" >> beam.FlatMap(in_boundary, bnd=beam.pvalue.AsDict(bounds))
-                | "CollectBoundary" >> beam.CombinePerKey(_Collect())
+                | "CollectBoundary" >> beam.CombinePerKey(beam.combiners.ToListCombineFn())
                 | "Cutoff" >> beam.Map(cut, bnd=beam.pvalue.AsDict(bounds))
             )
 
