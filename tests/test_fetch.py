@@ -1,4 +1,8 @@
-"""The fetch stage against a real HTTP server on 127.0.0.1 (the DemoServer)."""
+"""The fetch stage against a real HTTP server on 127.0.0.1 (the DemoServer).
+
+The server is on loopback, which the address guard refuses by default: every config here that
+fetches from it lists ``127.0.0.0/8`` in ``allow_networks`` (the hostile cases, the guard
+itself included, are in ``test_fetch_hostile.py``)."""
 
 from __future__ import annotations
 
@@ -20,12 +24,14 @@ from pipelines.stages.fetch import (
     FetchDoFn,
     Fetcher,
     fetch_url,
-    make_session,
+    make_pool_manager,
     noai_directive,
 )
 
+# The demo server is on loopback: exempt it from the address guard.
+LOOPBACK = ("127.0.0.0/8",)
 # Fast retries so the suite stays quick; the retry *count* is what the tests check.
-FAST = FetchConfig(timeout=5.0, retries=2, backoff=0.01)
+FAST = FetchConfig(timeout=5.0, retries=2, backoff=0.01, allow_networks=LOOPBACK)
 
 
 def body_of(demo_root, name):
@@ -64,7 +70,7 @@ def test_5xx_is_retried_then_rejected(demo_server, code):
 
 
 def test_retries_zero_means_one_attempt(demo_server):
-    got = fetch_url(demo_server.url("/status/503"), FetchConfig(retries=0))
+    got = fetch_url(demo_server.url("/status/503"), FetchConfig(retries=0, allow_networks=LOOPBACK))
     assert got.reason == "http_503"
     assert demo_server.requests["/status/503"] == 1
 
@@ -93,7 +99,7 @@ def sleeps(monkeypatch):
 def test_ratelimit_429_is_retried_honouring_retry_after(demo_server, demo_root, monkeypatch):
     # backoff is huge: only honouring "Retry-After: 0" gives a short wait
     slept = sleeps(monkeypatch)
-    cfg = FetchConfig(retries=1, backoff=30.0)
+    cfg = FetchConfig(retries=1, backoff=30.0, allow_networks=LOOPBACK)
     got = fetch_url(demo_server.url("/ratelimit/img/b.png"), cfg)
     assert slept and max(slept) < 1.0
     assert got == body_of(demo_root, "b.png")
@@ -111,7 +117,7 @@ def test_redirect_is_followed(demo_server, demo_root):
 
 
 def test_slow_server_times_out(demo_server):
-    cfg = FetchConfig(timeout=0.5, retries=1, backoff=0.01)
+    cfg = FetchConfig(timeout=0.5, retries=1, backoff=0.01, allow_networks=LOOPBACK)
     got = fetch_url(demo_server.url("/slow/3/img/a.jpg"), cfg)
     assert isinstance(got, Reject) and got.reason == "timeout"
     assert "2 attempt" in got.detail
@@ -131,9 +137,11 @@ def test_connection_refused(demo_server, monkeypatch):
 
 def test_byte_cap_rejects_too_large(demo_server, demo_root):
     size = len(body_of(demo_root, "a.jpg"))
-    got = fetch_url(demo_server.url("/img/a.jpg"), FetchConfig(max_bytes=size - 1))
+    got = fetch_url(demo_server.url("/img/a.jpg"),
+                    FetchConfig(max_bytes=size - 1, allow_networks=LOOPBACK))
     assert isinstance(got, Reject) and got.reason == "too_large"
-    assert fetch_url(demo_server.url("/img/a.jpg"), FetchConfig(max_bytes=size)) == body_of(
+    assert fetch_url(demo_server.url("/img/a.jpg"),
+                     FetchConfig(max_bytes=size, allow_networks=LOOPBACK)) == body_of(
         demo_root, "a.jpg"
     )
 
@@ -153,7 +161,8 @@ def test_noai_header_is_respected(demo_server, demo_root):
     got = fetch_url(demo_server.url("/noai/img/a.jpg"), FAST)
     assert isinstance(got, Reject) and got.reason == "robots_noai"
     assert "noai" in got.detail
-    allowed = fetch_url(demo_server.url("/noai/img/a.jpg"), FetchConfig(respect_noai=False))
+    allowed = fetch_url(demo_server.url("/noai/img/a.jpg"), FetchConfig(respect_noai=False,
+                                                                     allow_networks=LOOPBACK))
     assert allowed == body_of(demo_root, "a.jpg")
 
 
@@ -179,7 +188,7 @@ def test_noai_directive_parsing(values, expected):
 def test_user_agent_header_is_sent(demo_server):
     fetch_url(demo_server.url("/img/a.jpg"), FAST)
     assert demo_server.last_headers["/img/a.jpg"]["User-Agent"] == DEFAULT_USER_AGENT
-    custom = FetchConfig(user_agent="rs-corpus-test/1.0")
+    custom = FetchConfig(user_agent="rs-corpus-test/1.0", allow_networks=LOOPBACK)
     fetch_url(demo_server.url("/img/b.png"), custom)
     assert demo_server.last_headers["/img/b.png"]["User-Agent"] == "rs-corpus-test/1.0"
 
@@ -187,26 +196,34 @@ def test_user_agent_header_is_sent(demo_server):
 # --- non-HTTP URLs -------------------------------------------------------------------------
 
 
+# Local files are read only under allowed_prefixes (web rows: http(s) only by default).
+
+
 def test_file_url_and_plain_path(demo_root):
     path = demo_root / "img" / "b.png"
-    assert fetch_url(path.as_uri(), FAST) == path.read_bytes()
-    assert fetch_url(str(path), FAST) == path.read_bytes()
+    cfg = FetchConfig(allowed_prefixes=(str(demo_root),))
+    assert fetch_url(path.as_uri(), cfg) == path.read_bytes()
+    assert fetch_url(str(path), cfg) == path.read_bytes()
 
 
 def test_missing_file(demo_root):
+    cfg = FetchConfig(allowed_prefixes=(str(demo_root),))
     for url in [(demo_root / "img" / "nope.png").as_uri(), str(demo_root / "nope.png")]:
-        got = fetch_url(url, FAST)
+        got = fetch_url(url, cfg)
         assert isinstance(got, Reject) and got.reason == "file_not_found", url
 
 
 def test_file_byte_cap_and_empty_file(tmp_path):
     big = tmp_path / "big.bin"
     big.write_bytes(b"x" * 1000)
-    assert fetch_url(str(big), FetchConfig(max_bytes=999)).reason == "too_large"
-    assert fetch_url(str(big), FetchConfig(max_bytes=1000)) == b"x" * 1000
+    allowed = (str(tmp_path),)
+    assert fetch_url(str(big), FetchConfig(max_bytes=999, allowed_prefixes=allowed)).reason == (
+        "too_large")
+    assert fetch_url(str(big), FetchConfig(max_bytes=1000, allowed_prefixes=allowed)) == (
+        b"x" * 1000)
     empty = tmp_path / "empty.bin"
     empty.write_bytes(b"")
-    assert fetch_url(str(empty), FAST).reason == "empty_body"
+    assert fetch_url(str(empty), FetchConfig(allowed_prefixes=allowed)).reason == "empty_body"
 
 
 @pytest.mark.parametrize("url", [None, "", "   "])
@@ -244,7 +261,7 @@ def test_fetch_many_keeps_input_order_and_runs_concurrently(demo_server, demo_ro
     expected.insert(5, "http_404")
     urls.insert(9, None)
     expected.insert(9, "missing_url")
-    with Fetcher(FetchConfig(threads=32, retries=0)) as fetcher:
+    with Fetcher(FetchConfig(threads=32, retries=0, allow_networks=LOOPBACK)) as fetcher:
         got = fetcher.fetch_many(urls)
     assert [g.reason if isinstance(g, Reject) else g for g in got] == expected
     # the eight 0.4 s requests were in flight together, not one after another
@@ -253,7 +270,7 @@ def test_fetch_many_keeps_input_order_and_runs_concurrently(demo_server, demo_ro
 
 
 def test_slow_request_does_not_block_others(demo_server):
-    cfg = FetchConfig(timeout=5.0)
+    cfg = FetchConfig(timeout=5.0, allow_networks=LOOPBACK)
     done = {}
 
     def slow():
@@ -279,7 +296,7 @@ def test_server_port_in_use_is_a_clear_error(demo_server, demo_root):
 def test_server_stops_promptly_with_a_sleeper_in_flight(demo_root):
     srv = DemoServer(demo_root).start()
     result = {}
-    cfg = FetchConfig(timeout=30.0, retries=0)
+    cfg = FetchConfig(timeout=30.0, retries=0, allow_networks=LOOPBACK)
     t = threading.Thread(
         target=lambda: result.update(r=fetch_url(srv.url("/slow/60/img/a.jpg"), cfg))
     )
@@ -359,7 +376,7 @@ def test_fetch_transform_in_a_pipeline(demo_server, demo_root):
     sizes = {n: len(body_of(demo_root, n)) for n in ("a.jpg", "b.png", "c.jpg")}
     with TestPipeline() as p:
         out = p | beam.Create(records) | Fetch(FAST, batch_size=4)
-        ok = out.ok | "OkKeys" >> beam.Map(lambda r: (r["key"], len(r["_body"]), r["caption"]))
+        ok = out.records | "OkKeys" >> beam.Map(lambda r: (r["key"], len(r["_body"]), r["caption"]))
         rejects = out[REJECTS] | "RejectKeys" >> beam.Map(
             lambda r: (r["key"], r["stage"], r["reason"])
         )
@@ -423,12 +440,12 @@ def test_fetch_with_decode_equals_fetch_then_decode(demo_server):
         src = p | beam.Create(records)
         together = src | "Together" >> Fetch(FAST, batch_size=4, decode=cfg)
         apart = src | "Apart" >> Fetch(FAST, batch_size=4)
-        decoded = apart.ok | beam.ParDo(DecodeDoFn(cfg)).with_outputs(REJECTS, main="ok")
-        want_ok = rows(decoded.ok, "WantOk") | "WantOkList" >> beam.combiners.ToList()
+        decoded = apart.records | beam.ParDo(DecodeDoFn(cfg)).with_outputs(REJECTS, main="records")
+        want_ok = rows(decoded.records, "WantOk") | "WantOkList" >> beam.combiners.ToList()
         want_rej = ((apart[REJECTS], decoded[REJECTS]) | beam.Flatten()
                     | "WantRej" >> beam.Map(lambda r: (r["key"], r["stage"], r["reason"]))
                     | "WantRejList" >> beam.combiners.ToList())
-        got_ok = rows(together.ok, "GotOk") | "GotOkList" >> beam.combiners.ToList()
+        got_ok = rows(together.records, "GotOk") | "GotOkList" >> beam.combiners.ToList()
         got_rej = (together[REJECTS]
                    | "GotRej" >> beam.Map(lambda r: (r["key"], r["stage"], r["reason"]))
                    | "GotRejList" >> beam.combiners.ToList())
@@ -447,22 +464,83 @@ def test_fetch_with_decode_equals_fetch_then_decode(demo_server):
 
 
 def test_netrc_credentials_are_never_sent(demo_server, tmp_path, monkeypatch):
-    """A ~/.netrc entry for the host must not turn into an Authorization header."""
+    """A ~/.netrc entry for the host must not turn into an Authorization header (checked on what
+    the server received; the redirect case is in test_fetch_hostile.py)."""
     netrc = tmp_path / ".netrc"
     netrc.write_text("machine 127.0.0.1 login user password secret\n")
     netrc.chmod(0o600)
     monkeypatch.setenv("NETRC", str(netrc))
-    seen = []
+    monkeypatch.setenv("HOME", str(tmp_path))
     import requests
 
-    real_send = requests.adapters.HTTPAdapter.send
+    plain = requests.Session().get(demo_server.url("/img/b.png"), timeout=5)
+    # requests alone would send the netrc login: the .netrc is effective
+    assert plain.ok and "Authorization" in demo_server.last_headers["/img/b.png"]
+    out = fetch_url(demo_server.url("/img/a.jpg"), FAST, make_pool_manager(FAST))
+    assert isinstance(out, bytes) and demo_server.requests["/img/a.jpg"] == 1
+    assert "Authorization" not in demo_server.last_headers["/img/a.jpg"]
 
-    def spy(self, request, **kw):
-        seen.append(request.headers.get("Authorization"))
-        return real_send(self, request, **kw)
 
-    monkeypatch.setattr(requests.adapters.HTTPAdapter, "send", spy)
-    plain = requests.Session().get(demo_server.url("/img/a.jpg"), timeout=5)
-    assert plain.ok and seen[-1] is not None  # requests alone would send the netrc login
-    out = fetch_url(demo_server.url("/img/a.jpg"), FAST, make_session(FAST))
-    assert isinstance(out, bytes) and seen[-1] is None
+# --- redirects, compression, name resolution, the deadline -----------------------------------
+
+
+def test_redirect_chain_is_limited(demo_server, demo_root):
+    assert fetch_url(demo_server.url("/redirects/10/img/a.jpg"), FAST) == body_of(
+        demo_root, "a.jpg")
+    got = fetch_url(demo_server.url("/redirects/11/img/b.png"), FAST)
+    assert isinstance(got, Reject) and got.reason == "too_many_redirects"
+    assert demo_server.requests["/img/b.png"] == 0
+    short = FetchConfig(max_redirects=1, allow_networks=LOOPBACK)
+    assert fetch_url(demo_server.url("/redirects/2/img/c.jpg"), short).reason == (
+        "too_many_redirects")
+
+
+def test_gzip_body_is_decoded(demo_server, demo_root):
+    assert fetch_url(demo_server.url("/gzip/img/a.jpg"), FAST) == body_of(demo_root, "a.jpg")
+
+
+def test_gzip_bomb_is_capped_on_decoded_bytes(demo_server):
+    import tracemalloc
+
+    cfg = FetchConfig(max_bytes=2**20, allow_networks=LOOPBACK)
+    tracemalloc.start()
+    try:
+        got = fetch_url(demo_server.url("/gzip-bomb/256"), cfg)  # 256 MB of zeros, ~250 KB sent
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert isinstance(got, Reject) and got.reason == "too_large"
+    assert "body exceeds max_bytes" in got.detail
+    assert peak < 32 * 2**20, f"{peak / 2**20:.0f} MiB held while reading a capped bomb"
+
+
+@pytest.mark.parametrize("code, retried", [(socket.EAI_NONAME, False), (socket.EAI_AGAIN, True)])
+def test_dns_failure_is_a_connection_error(monkeypatch, code, retried):
+    slept = sleeps(monkeypatch)
+    looked_up = []
+
+    def failing(host, *args, **kwargs):
+        looked_up.append(host)
+        raise socket.gaierror(code, "fake resolver failure")
+
+    monkeypatch.setattr(socket, "getaddrinfo", failing)
+    got = fetch_url("http://no-such-host.example/a.jpg", FAST)
+    assert isinstance(got, Reject) and got.reason == "connection_error"
+    assert "Failed to resolve 'no-such-host.example'" in got.detail
+    assert len(looked_up) == (1 + FAST.retries if retried else 1)  # only "try again" is retried
+    assert len(slept) == len(looked_up) - 1
+
+
+def test_no_retry_starts_past_the_deadline(demo_server, monkeypatch):
+    slept = sleeps(monkeypatch)
+    cfg = FetchConfig(retries=5, backoff=10.0, deadline=5.0, allow_networks=LOOPBACK)
+    got = fetch_url(demo_server.url("/status/503"), cfg)
+    assert isinstance(got, Reject) and got.reason == "http_503"
+    assert "no retry: it would pass the deadline" in got.detail
+    assert slept == [] and demo_server.requests["/status/503"] == 1
+
+
+def test_credentials_in_the_url_are_not_sent(demo_server, demo_root):
+    url = demo_server.url("/img/b.png").replace("http://", "http://user:secret@")
+    assert fetch_url(url, FAST) == body_of(demo_root, "b.png")
+    assert "Authorization" not in demo_server.last_headers["/img/b.png"]

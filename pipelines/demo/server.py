@@ -3,30 +3,46 @@
 It serves ``{root}/img/<name>`` plus a handful of misbehaving endpoints so the fetch stage can
 be exercised against real sockets (img2dataset tests its downloader the same way):
 
-=================================  =========================================================
-``/img/<name>``                    the file ``{root}/img/<name>`` (content type by extension)
-``/status/<code>``                 that status with a small text body
-``/slow/<seconds>/img/<name>``     sleeps, then serves (other requests are not blocked)
-``/noai/img/<name>``               the file with ``X-Robots-Tag: noai``
-``/redirect/img/<name>``           302 to ``/img/<name>``
-``/flaky/<n>/img/<name>``          503 for the first n requests of that exact path, then the file
-``/ratelimit/img/<name>``          429 + ``Retry-After: 0`` on the first request, then the file
-``/empty``                         200 with a zero-byte body
-``/html``                          200 with an HTML page labelled ``Content-Type: image/jpeg``
-=================================  =========================================================
+===================================  ============================================================
+``/img/<name>``                      the file ``{root}/img/<name>`` (content type by extension)
+``/status/<code>``                   that status with a small text body
+``/slow/<seconds>/img/<name>``       sleeps, then serves (other requests are not blocked)
+``/noai/img/<name>``                 the file with ``X-Robots-Tag: noai``
+``/redirect/img/<name>``             302 to ``/img/<name>``
+``/flaky/<n>/img/<name>``            503 for the first n requests of that exact path, then the
+                                     file
+``/ratelimit/img/<name>``            429 + ``Retry-After: 0`` on the first request, then the file
+``/empty``                           200 with a zero-byte body
+``/html``                            200 with an HTML page labelled ``Content-Type: image/jpeg``
+``/redirect-to?url=<absolute url>``  302 to that URL, whatever it is (redirect-to-private tests)
+``/redirects/<n>/img/<name>``        a chain of n 302 redirects, then the file
+``/drip-headers/<seconds>``          a status line and headers sent one byte every <seconds>,
+                                     never finished (for at most 60 s, or until the client hangs
+                                     up)
+``/drip-body/<seconds>/img/<name>``  full headers of the file, then its body one byte every
+                                     <seconds> (for at most 60 s, or until the client hangs up)
+``/gzip/img/<name>``                 the file with ``Content-Encoding: gzip``
+``/gzip-bomb/<megabytes>``           200 ``Content-Encoding: gzip``: that many MB of zeros,
+                                     compressed (about 1000:1)
+===================================  ============================================================
 
-Counters (``requests``) are per server instance and per exact path (query string excluded).
+Counters (``requests``) are per server instance and per exact path (query string excluded);
+``client_gone`` counts, per path, responses cut short because the client hung up.
 """
 
 from __future__ import annotations
 
 import collections
 import errno
+import functools
+import gzip
+import io
 import logging
 import mimetypes
 import socket
 import sys
 import threading
+import time
 import urllib.parse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -40,6 +56,20 @@ _HTML_PAGE = (
 )
 # A slow request never sleeps longer than this, whatever the URL asks for.
 _MAX_SLOW_SECONDS = 300.0
+# A drip route stops dripping after this long (the client should have given up long before).
+_MAX_DRIP_SECONDS = 60.0
+_MAX_BOMB_MEGABYTES = 1024
+
+
+@functools.lru_cache(maxsize=4)
+def _gzip_bomb(megabytes: int) -> bytes:
+    """``megabytes`` MB of zeros, gzip-compressed (about 1 KB per MB)."""
+    out = io.BytesIO()
+    zeros = bytes(1 << 20)
+    with gzip.GzipFile(fileobj=out, mode="wb", compresslevel=9, mtime=0) as f:
+        for _ in range(megabytes):
+            f.write(zeros)
+    return out.getvalue()
 
 
 class PortInUseError(OSError):
@@ -95,6 +125,18 @@ class _Handler(BaseHTTPRequestHandler):
         ctype = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
         self._send(200, data, ctype, headers)
 
+    def _drip(self, data: bytes, interval: float) -> None:
+        """Send ``data`` one byte every ``interval`` seconds, for at most _MAX_DRIP_SECONDS;
+        then (or when the server stops) drop the connection. A client hanging up ends it with
+        BrokenPipeError/ConnectionResetError (counted in ``client_gone``)."""
+        self.close_connection = True
+        self.wfile.flush()
+        stop_at = time.monotonic() + _MAX_DRIP_SECONDS
+        for i in range(len(data)):
+            if self.server.stopping.wait(interval) or time.monotonic() > stop_at:
+                return
+            self.connection.sendall(data[i:i + 1])
+
     # --- routing --------------------------------------------------------------------------
     def do_HEAD(self) -> None:
         self.do_GET()
@@ -112,6 +154,9 @@ class _Handler(BaseHTTPRequestHandler):
             self._route(path, parts, count)
         except (BrokenPipeError, ConnectionResetError):
             log.debug("demo server: client went away during %s", path)
+            self.close_connection = True
+            with state.lock:
+                state.client_gone[path] += 1
         finally:
             with state.lock:
                 state.in_flight -= 1
@@ -161,6 +206,58 @@ class _Handler(BaseHTTPRequestHandler):
                 self._send(429, b"slow down\n", headers={"Retry-After": "0"})
             else:
                 self._send_file("/".join(parts[2:]))
+        elif head == "redirects" and len(parts) >= 4 and parts[2] == "img":
+            try:
+                hops = int(parts[1])
+            except ValueError:
+                self._send(400, b"bad count\n")
+                return
+            rest = "/".join(parts[3:])
+            target = f"/redirects/{hops - 1}/img/{rest}" if hops > 1 else f"/img/{rest}"
+            self._send(302, f"see {target}\n".encode(), headers={"Location": target})
+        elif path == "/redirect-to":
+            query = urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query)
+            target = (query.get("url") or [""])[0]
+            if not target:
+                self._send(400, b"redirect-to needs ?url=<absolute url>\n")
+                return
+            self._send(302, b"see other\n", headers={"Location": target})
+        elif head in ("drip-headers", "drip-body") and len(parts) >= 2:
+            try:
+                interval = min(max(float(parts[1]), 0.01), _MAX_DRIP_SECONDS)
+            except ValueError:
+                self._send(400, b"bad interval\n")
+                return
+            if head == "drip-headers" and len(parts) == 2:
+                self._drip(b"HTTP/1.1 200 OK\r\nContent-Type: image/jpeg\r\nX-Drip: "
+                           + b"a" * 65536, interval)
+            elif head == "drip-body" and len(parts) >= 4 and parts[2] == "img":
+                file = self.server.resolve_image("/".join(parts[3:]))
+                if file is None:
+                    self._send(404, b"not found\n")
+                    return
+                data = file.read_bytes()
+                self.send_response(200)
+                self.send_header("Content-Type", mimetypes.guess_type(file.name)[0] or "")
+                self.send_header("Content-Length", str(len(data)))
+                self.send_header("Connection", "close")
+                self.end_headers()
+                self.wfile.flush()
+                self._drip(data, interval)
+            else:
+                self._send(404, b"no such route\n")
+        elif head == "gzip" and len(parts) >= 3 and parts[1] == "img":
+            file = self.server.resolve_image("/".join(parts[2:]))
+            if file is None:
+                self._send(404, b"not found\n")
+                return
+            self._send(200, gzip.compress(file.read_bytes(), mtime=0),
+                       mimetypes.guess_type(file.name)[0] or "application/octet-stream",
+                       headers={"Content-Encoding": "gzip"})
+        elif head == "gzip-bomb" and len(parts) == 2 and parts[1].isdigit():
+            megabytes = min(int(parts[1]), _MAX_BOMB_MEGABYTES)
+            self._send(200, _gzip_bomb(megabytes), "image/png",
+                       headers={"Content-Encoding": "gzip"})
         elif path == "/empty":
             self._send(200, b"", "image/jpeg")
         elif path == "/html":
@@ -178,6 +275,7 @@ class _State:
         self.headers: dict[str, dict[str, str]] = {}
         self.in_flight = 0
         self.max_in_flight = 0  # the most requests served at once: shows a client's concurrency
+        self.client_gone: collections.Counter[str] = collections.Counter()
 
 
 class _Server(ThreadingHTTPServer):
@@ -312,6 +410,12 @@ class DemoServer:
         """The most requests this server has served at the same time."""
         with self._state.lock:
             return self._state.max_in_flight
+
+    @property
+    def client_gone(self) -> collections.Counter[str]:
+        """Responses cut short because the client hung up, per exact path (a snapshot)."""
+        with self._state.lock:
+            return collections.Counter(self._state.client_gone)
 
     @property
     def last_headers(self) -> dict[str, dict[str, str]]:

@@ -380,7 +380,9 @@ def build_ingest(p: Any, url_glob: str, output: str, s: Settings) -> Any:
                                           SUBSET)
     spread = read.records | "Spread" >> beam.Reshuffle()
     fetched = spread | "FetchDecode" >> Fetch(
-        FetchConfig(timeout=float(s.timeout), retries=0, threads=s.threads),
+        # the local image server listens on 127.0.0.1: exempt loopback from the address guard
+        FetchConfig(timeout=float(s.timeout), retries=0, threads=s.threads,
+                    allow_networks=("127.0.0.0/8",)),
         batch_size=s.batch_size,
         decode=ImageConfig(image_size=s.image_size, resize_mode=s.resize_mode,
                            encode_quality=s.encode_quality),
@@ -390,7 +392,7 @@ def build_ingest(p: Any, url_glob: str, output: str, s: Settings) -> Any:
     duplicates = p | "NoDuplicates" >> beam.Create([])
     manifest = {"recipe": "perf-ingest", "config": dataclasses.asdict(s)}
     return {
-        "inputs": inputs, "kept": fetched.ok, "rejects": rejects, "duplicates": duplicates,
+        "inputs": inputs, "kept": fetched.records, "rejects": rejects, "duplicates": duplicates,
     } | "Write" >> WriteBuild(output, "perf-ingest", SUBSET, manifest, s.samples_per_shard)
 
 
