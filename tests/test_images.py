@@ -455,7 +455,7 @@ def test_decode_transform_in_a_pipeline(smooth_image):
     with TestPipeline() as p:
         out = p | beam.Create(records) | Decode(ImageConfig(image_size=96))
         assert_that(
-            out.ok | "Sizes" >> beam.Map(lambda r: (r["key"], r["width"], r["height"])),
+            out.records | "Sizes" >> beam.Map(lambda r: (r["key"], r["width"], r["height"])),
             equal_to([("k1", 96, 96)]),
             label="ok",
         )
@@ -484,3 +484,78 @@ def test_perceptual_hashes_match_imagehash_and_carry_crop_hashes():
         dx, dy = round(w * 0.05), round(h * 0.05)
         cropped = int(str(imagehash.phash(img.crop((dx, dy, w - dx, h - dy)))), 16)
         assert (cropped ^ split_hashes(crops)[CROP_SCALES.index(0.90)]).bit_count() <= 4
+
+
+# --- ordinary pictures: the same output as before the image guard (issue 16) ---------------
+
+
+def _reference_normalise(data: bytes, cfg: ImageConfig) -> tuple:
+    """The decode stage as it was before the guard, for 8-bit pictures (RGB, L, 1, P without
+    transparency, CMYK): open, draft, decode, EXIF transpose, convert the whole picture to
+    RGB, ``resize(reducing_gap=3)``; the helpers it shares with today's module did not change."""
+    import math
+
+    from PIL import ImageOps
+
+    from pipelines.stages import images as m
+
+    with Image.open(io.BytesIO(data)) as img:
+        w, h = img.size
+        orientation = img.getexif().get(0x0112, 1)
+        ow, oh = (h, w) if orientation in (5, 6, 7, 8) else (w, h)
+        scale = m._resize_plan(ow, oh, cfg)
+        if scale is not None and scale < 1 and isinstance(img, JpegImageFile):
+            img.draft(None, (max(1, math.ceil(w * scale)), max(1, math.ceil(h * scale))))
+        img.load()
+        picture = ImageOps.exif_transpose(img) if orientation != 1 else img
+        picture = picture if picture.mode == "RGB" else picture.convert("RGB")
+        if scale is not None:
+            size = m._target_size(ow, oh, scale, cfg)
+            if picture.size != size:
+                picture = picture.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)
+        phash, crops = m.perceptual_hashes(picture, cfg.crop_hashes)
+        out = m._finish_geometry(picture, cfg, scale is not None)
+        return m._encode(out, cfg), out.size, (ow, oh), phash, crops
+
+
+@pytest.fixture(scope="module")
+def ordinary_pictures(smooth_image) -> dict[str, bytes]:
+    smooth = smooth_image
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    big = smooth(31, (2400, 1800))
+    mid = smooth(32, (1601, 1203))  # box-reduced by 2 on the way to 256 (border)
+    return {
+        "jpeg rgb (draft)": encode(big, quality=90),
+        "jpeg rgb exif 6": encode(smooth(33, (1600, 1200)), quality=90, exif=exif.tobytes()),
+        "png rgb": encode(mid, "PNG"),
+        "png L": encode(mid.convert("L"), "PNG"),
+        "png P": encode(mid.convert("P", palette=Image.Palette.ADAPTIVE), "PNG"),
+        "png 1": encode(mid.convert("1"), "PNG"),
+        "jpeg CMYK": encode(smooth(34, (1200, 1000)).convert("CMYK"), quality=90),
+        "tiff CMYK": encode(smooth(35, (1301, 977)).convert("CMYK"), "TIFF"),
+        "gif P": encode(smooth(36, (900, 700)), "GIF"),
+    }
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        ImageConfig(),
+        ImageConfig(image_size=128, resize_mode="keep_ratio"),
+        ImageConfig(resize_mode="center_crop", encode_format="png"),
+        ImageConfig(resize_mode="no"),
+    ],
+    ids=["border", "keep_ratio", "center_crop", "no"],
+)
+def test_ordinary_pictures_are_bit_identical_to_before(cfg, ordinary_pictures):
+    for name, data in ordinary_pictures.items():
+        got = normalise_image(data, cfg)
+        assert isinstance(got, NormalisedImage), (name, got)
+        data_out, size, original, phash, crops = _reference_normalise(data, cfg)
+        assert got.data == data_out, name
+        assert ((got.width, got.height), (got.original_width, got.original_height)) == (
+            size,
+            original,
+        ), name
+        assert (got.phash, got.phash_crops) == (phash, crops), name

@@ -4,11 +4,21 @@
 ``Reject`` (stage ``"decode"``) out. It never raises on bad bytes. Order of work, cheapest
 first, so that bad inputs cost little:
 
-1. open the header only (PIL is lazy) and refuse decompression bombs before any pixel is
-   decoded; refuse too-small / too-elongated images from the header too;
+1. open the header only with ``pipelines.image_guard`` (an allow-list of formats,
+   :data:`~pipelines.image_guard.ALLOWED_FORMATS`; no ICO, TGA, PPM or legacy decoders) and
+   refuse, before any pixel is decoded: decompression bombs by pixels (``max_pixels``),
+   too-small / too-elongated images, then bombs by decoded bytes (``max_decoded_bytes``:
+   bytes a pixel of the decoded mode x pixels x copies, the decoder's own buffers, the RGB
+   result and the output's hash and encoding, for this image's plan; see ``image_guard``);
 2. when a JPEG is shrunk a lot, ask libjpeg to decode at 1/2, 1/4 or 1/8 scale (``draft``);
-3. decode, apply the EXIF orientation, convert any mode to RGB (alpha composited on white,
-   16-bit scaled to 8-bit), resize with img2dataset's ``resize_mode`` semantics;
+3. inside a decode slot (at most ``decode_slots`` decodes at once in the process, the core
+   count by default, however many fetch threads call us): decode, apply the EXIF
+   orientation, convert any mode to RGB (alpha composited on white, 16-bit scaled to
+   8-bit) *while* box-reducing a picture much bigger than the target (strip by strip, so no
+   full-size working copy is made), then resize with img2dataset's ``resize_mode``
+   semantics. For 8-bit pictures this is bit for bit Pillow's ``resize(reducing_gap=3)`` of
+   the converted picture, as before; 16-bit, ``I``/``F`` and alpha pictures match the
+   former output to within one grey level (float32 instead of float64 scaling);
 4. encode deterministically (fixed quality and subsampling, no EXIF/ICC, no progressive or
    optimised Huffman tables) and hash: ``sha256`` of the input bytes (img2dataset's hash) and
    a 64-bit DCT ``phash`` of the picture (before padding/cropping, so every resize mode
@@ -35,7 +45,9 @@ import scipy.fftpack  # imported here, not per call: 64 fetch threads contend fo
 from PIL import Image, ImageOps
 from PIL.JpegImagePlugin import JpegImageFile  # MPO (multi-picture JPEG) included
 
-from pipelines.records import REJECTS, Reject, reject_row
+from pipelines import image_guard
+from pipelines.image_guard import ImageRefused, to_rgb
+from pipelines.records import MAIN, REJECTS, Reject, reject_row
 
 STAGE = "decode"
 RESIZE_MODES = ("no", "keep_ratio", "center_crop", "border")
@@ -46,7 +58,6 @@ _ORIENTATION_TAG = 0x0112
 # shrink, the commonest web case; measured on 512->256: decode+resize 10 ms -> 3 ms per image,
 # PSNR 43.5 dB against the gap-2 output, pHash within 0.3 bits on average.
 _DRAFT_REDUCING_GAP = 1.0
-_WHITE = (255, 255, 255)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,28 +68,26 @@ class ImageConfig:
     resize_mode: str = "border"  # no | keep_ratio | center_crop | border
     resize_only_if_bigger: bool = False
     min_image_size: int = 64  # reject when the smaller side is below this
-    max_aspect_ratio: float = float("inf")  # reject when long side / short side exceeds this
+    # Reject when long side / short side exceeds this (img2dataset's flag; its default is no
+    # limit). 10 keeps panoramas and wide RS swaths, and refuses what is no picture to pair
+    # with a caption: banners, spacer lines, a 64x1,000,000 "image" (a 26 px high strip
+    # after border padding, a tenth of the picture after a centre crop).
+    max_aspect_ratio: float = 10.0
     # Reject above this many pixels, from the header, before decoding (img2dataset's
-    # max_image_area; PIL's own default bomb limit). PIL itself refuses images above twice
-    # Image.MAX_IMAGE_PIXELS at open time, whatever this says.
-    max_pixels: int = 89_478_485
+    # max_image_area; PIL's own default bomb limit, which we do not consult at open time).
+    max_pixels: int = image_guard.DEFAULT_MAX_PIXELS
+    # Reject, from the header, a picture whose decoding and conversion would hold more than
+    # this many bytes (see image_guard.working_bytes): a 16-bit or float picture costs 2-4x
+    # an 8-bit one at equal pixels, a WebP 4x. 512 MiB: shrunk to image_size, PNG/TIFF/
+    # BMP/GIF pictures of any mode and 4:2:0 JPEGs pass up to max_pixels.
+    max_decoded_bytes: int = image_guard.DEFAULT_MAX_DECODED_BYTES
+    # Decodes at once in this process, whatever the fetch thread count (None: the cores).
+    decode_slots: int | None = None
     encode_format: str = "jpg"  # jpg | png | webp
-    # Decoders PIL may use (PIL names). Raster formats found on the web and in RS archives;
-    # the rest (EPS runs Ghostscript, plus dozens of legacy formats) is attack surface we
-    # do not need on untrusted bytes.
-    formats: tuple[str, ...] = (
-        "JPEG",
-        "PNG",
-        "WEBP",
-        "GIF",
-        "TIFF",
-        "BMP",
-        "JPEG2000",
-        "PPM",
-        "TGA",
-        "ICO",
-        "AVIF",
-    )
+    # Decoders PIL may use (PIL names), tried in order: image_guard.ALLOWED_FORMATS, the
+    # raster formats of the web and RS archives, each with a magic number. Not ICO (decodes
+    # while opening), TGA (no magic number), PPM, EPS (Ghostscript) or the legacy rest.
+    formats: tuple[str, ...] = image_guard.ALLOWED_FORMATS
     encode_quality: int = 95
     # also hash the centre crops (``phash_crops``, ~1 ms an image) for crop-aware dedup
     crop_hashes: bool = True
@@ -88,10 +97,15 @@ class ImageConfig:
             raise ValueError(f"resize_mode must be one of {RESIZE_MODES}, not {self.resize_mode!r}")
         if self.encode_format.lower() not in _ENCODERS:
             raise ValueError(f"encode_format must be one of {sorted(_ENCODERS)}")
-        if self.image_size <= 0 or self.max_pixels <= 0:
-            raise ValueError("image_size and max_pixels must be positive")
+        if self.image_size <= 0 or self.max_pixels <= 0 or self.max_decoded_bytes <= 0:
+            raise ValueError("image_size, max_pixels and max_decoded_bytes must be positive")
         if not 1 <= self.encode_quality <= 100:
             raise ValueError("encode_quality must be in 1..100")
+        if not self.max_aspect_ratio >= 1:
+            raise ValueError("max_aspect_ratio must be >= 1")
+        if self.decode_slots is not None and self.decode_slots < 1:
+            raise ValueError("decode_slots must be None (the cores) or >= 1")
+        image_guard.check_formats(self.formats)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -189,7 +203,21 @@ def _resample(img: Image.Image, size: tuple[int, int]) -> Image.Image:
         return img
     # reducing_gap: a fast box reduction first while still 3x above the target, then Lanczos;
     # Pillow documents it as indistinguishable from a full Lanczos pass.
-    return img.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)
+    return img.resize(size, Image.Resampling.LANCZOS, reducing_gap=image_guard.REDUCING_GAP)
+
+
+def _convert_and_resample(picture: Image.Image, size: tuple[int, int] | None) -> Image.Image:
+    """``_resample(to_rgb(picture), size)``, with the box reduction that ``reducing_gap``
+    makes done while converting (so the RGB conversion never holds a big picture): the
+    same pixels as converting first for every per-pixel conversion."""
+    if size is None:
+        return to_rgb(picture)
+    factor = image_guard.reduce_factors(picture.size, size)
+    if factor == (1, 1):
+        return _resample(to_rgb(picture), size)
+    w, h = picture.size
+    box = (0.0, 0.0, w / factor[0], h / factor[1])  # as Image.resize does after reducing
+    return to_rgb(picture, factor).resize(size, Image.Resampling.LANCZOS, box=box)
 
 
 def _finish_geometry(img: Image.Image, cfg: ImageConfig, resized: bool) -> Image.Image:
@@ -208,62 +236,6 @@ def _finish_geometry(img: Image.Image, cfg: ImageConfig, resized: bool) -> Image
     return img
 
 
-# --- colour -------------------------------------------------------------------------------
-
-
-def _on_white(img: Image.Image) -> Image.Image:
-    rgba = img.convert("RGBA")
-    background = Image.new("RGBA", rgba.size, _WHITE + (255,))
-    return Image.alpha_composite(background, rgba).convert("RGB")
-
-
-def _array_to_8bit(arr: np.ndarray, full_scale: float | None) -> Image.Image:
-    """Grey array → RGB: scaled from ``[0, full_scale]``, or min–max stretched when None."""
-    a = arr.astype(np.float64)
-    if full_scale is None:
-        finite = a[np.isfinite(a)]
-        lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
-        a = (a - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(a)
-    else:
-        a = a * (255.0 / full_scale)
-    a = np.nan_to_num(a, nan=0.0, posinf=255.0, neginf=0.0)
-    out = np.clip(np.rint(a), 0, 255).astype(np.uint8)
-    return Image.fromarray(out, mode="L").convert("RGB")
-
-
-def to_rgb(img: Image.Image) -> Image.Image:
-    """Any PIL mode → 8-bit RGB.
-
-    Alpha (LA, PA, RGBA, palette transparency) is composited on white. 16-bit grey
-    (``I;16*``) is scaled by 255/65535, not clipped. 32-bit ``I`` holds whatever its source
-    put there: 0..255 is taken as 8-bit, 0..65535 as 16-bit, anything else is min–max
-    stretched; ``F`` in [0, 1] is scaled by 255, otherwise treated like ``I``.
-    """
-    mode = img.mode
-    if mode == "RGB":
-        return img
-    if mode in ("RGBA", "RGBa", "LA", "La", "PA") or (
-        mode in ("P", "L", "RGB", "1") and "transparency" in img.info
-    ):
-        return _on_white(img)
-    if mode.startswith("I;16"):
-        return _array_to_8bit(np.asarray(img), 65535.0)
-    if mode in ("I", "F"):
-        arr = np.asarray(img)
-        finite = arr[np.isfinite(arr)] if mode == "F" else arr
-        lo = float(finite.min()) if finite.size else 0.0
-        hi = float(finite.max()) if finite.size else 0.0
-        if mode == "F" and lo >= 0.0 and hi <= 1.0:
-            return _array_to_8bit(arr, 1.0)
-        if lo >= 0 and hi <= 255:
-            return _array_to_8bit(arr, 255.0)
-        if lo >= 0 and hi <= 65535:
-            return _array_to_8bit(arr, 65535.0)
-        return _array_to_8bit(arr, None)
-    # 1, L, P, CMYK (Adobe-inverted JPEGs are un-inverted by the decoder), YCbCr, RGBX, ...
-    return img.convert("RGB")
-
-
 # --- the stage ----------------------------------------------------------------------------
 
 
@@ -273,6 +245,46 @@ def _orientation(img: Image.Image) -> int:
         return int(value) if value in range(1, 9) else 1
     except Exception:  # noqa: BLE001 — a broken EXIF block only costs us the orientation
         return 1
+
+
+def _header_orientation(img: Image.Image) -> int | None:
+    """The EXIF orientation when the header has it; None when only decoding can tell (Pillow
+    decodes a PNG to look for an eXIf chunk after the pixel data)."""
+    if img.format == "PNG" and "exif" not in img.info:
+        return None
+    return _orientation(img)
+
+
+def _upright(size: tuple[int, int], orientation: int | None) -> tuple[int, int]:
+    return (size[1], size[0]) if orientation in (5, 6, 7, 8) else size
+
+
+#: what the result costs beside the RGB picture, a pixel of the output: its grey copy for the
+#: pHash and the encoded bytes (measured: 1.8-2.6 bytes a pixel for unshrunk JPEG/PNG output)
+_OUTPUT_BYTES_PER_PIXEL = 4
+
+
+def _check_budget(
+    img: Image.Image,
+    orientation: int | None,
+    target: tuple[int, int] | None,
+    decoder: int,
+    cfg: ImageConfig,
+) -> None:
+    """The byte budget of this image's plan: the decoded picture (twice when an EXIF rotation
+    copies it), the decoder's own buffers (``decoder``), the RGB picture, reduced when it
+    is shrunk on the way, and the output's hash and encoding."""
+    upright = _upright(img.size, orientation)
+    factor = image_guard.reduce_factors(upright, target) if target else (1, 1)
+    out = target or upright
+    image_guard.check_budget(
+        img.mode,
+        img.size,
+        cfg.max_decoded_bytes,
+        mode_copies=1 if orientation in (None, 1) else 2,
+        rgb_size=image_guard.reduced_size(upright, factor),
+        extra_bytes=decoder + out[0] * out[1] * _OUTPUT_BYTES_PER_PIXEL,
+    )
 
 
 def _exif_transpose(img: Image.Image, orientation: int) -> tuple[Image.Image, bool]:
@@ -313,43 +325,35 @@ def normalise_image(data: bytes, cfg: ImageConfig | None = None) -> NormalisedIm
         return _reject("not_an_image", "empty input")
     try:
         return _normalise(bytes(data), cfg)
-    except Image.DecompressionBombError as e:
-        return _reject("decompression_bomb", str(e))
-    except Image.DecompressionBombWarning as e:  # when warnings are turned into errors
-        return _reject("decompression_bomb", str(e))
     except Image.UnidentifiedImageError:
         # (PIL's message embeds the stream's memory address: keep reject rows deterministic.)
         return _reject("not_an_image", f"not one of the image formats {', '.join(cfg.formats)}")
-    except MemoryError as e:
-        return _reject("decode_error", f"MemoryError: {e}")
     except Exception as e:  # noqa: BLE001 — bad bytes must never take the bundle down
-        message = f"{type(e).__name__}: {e}"
-        if isinstance(e, (OSError, EOFError, SyntaxError)) and "truncat" in message.lower():
-            return _reject("truncated_image", message)
-        return _reject("decode_error", message)
+        # ImageRefused as it is; bombs (PIL's own checks inside decoders), truncation, the rest
+        refused = image_guard.refusal(e)
+        return _reject(refused.reason, refused.detail)
 
 
 def _normalise(data: bytes, cfg: ImageConfig) -> NormalisedImage | Reject:
     sha256 = hashlib.sha256(data).hexdigest()
-    with Image.open(io.BytesIO(data), formats=cfg.formats) as img:
-        # 1. header checks: nothing decoded yet.
+    # 1. header checks: nothing decoded yet.
+    try:
+        img = image_guard.open_image(
+            data,
+            formats=cfg.formats,
+            max_pixels=cfg.max_pixels,
+            max_decoded_bytes=None,  # checked below, for this image's plan
+            min_side=cfg.min_image_size,
+            max_aspect_ratio=cfg.max_aspect_ratio,
+        )
+    except ImageRefused as e:
+        return _reject(e.reason, e.detail)
+    with img:
         w, h = img.size
-        if w <= 0 or h <= 0:
-            return _reject("decode_error", f"header claims {w}x{h}")
-        if w * h > cfg.max_pixels:
-            return _reject(
-                "decompression_bomb", f"{w}x{h} = {w * h} pixels > max_pixels {cfg.max_pixels}"
-            )
-        if min(w, h) < cfg.min_image_size:
-            return _reject("too_small", f"{w}x{h}: smaller side < {cfg.min_image_size}")
-        aspect = max(w, h) / min(w, h)
-        if aspect > cfg.max_aspect_ratio:
-            return _reject("bad_aspect_ratio", f"{w}x{h}: {aspect:.2f} > {cfg.max_aspect_ratio}")
-
-        orientation = _orientation(img)
-        ow, oh = (h, w) if orientation in (5, 6, 7, 8) else (w, h)
+        orientation = _header_orientation(img)
         # Scale is symmetric in w and h, so it does not depend on the orientation.
-        scale = _resize_plan(ow, oh, cfg)
+        scale = _resize_plan(w, h, cfg)
+        decoder = image_guard.decoder_bytes(img)  # before draft: JPEG coefficients stay full
 
         # 2. JPEG: let libjpeg decode at 1/2, 1/4 or 1/8 scale when we shrink a lot.
         if scale is not None and scale < 1 / _DRAFT_REDUCING_GAP and isinstance(img, JpegImageFile):
@@ -359,28 +363,62 @@ def _normalise(data: bytes, cfg: ImageConfig) -> NormalisedImage | Reject:
             )
             img.draft(None, want)
 
-        # 3. decode (truncated data raises here), orient, convert, resize.
-        img.load()
-        picture, upright = _exif_transpose(img, orientation)
-        if not upright:  # broken EXIF: the picture keeps its stored layout
-            ow, oh = w, h
-        picture = to_rgb(picture)
-
-        resized = scale is not None
-        if resized:
-            picture = _resample(picture, _target_size(ow, oh, scale, cfg))
-        phash, phash_crops = perceptual_hashes(picture, cfg.crop_hashes)
-        out = _finish_geometry(picture, cfg, resized)
-        return NormalisedImage(
-            data=_encode(out, cfg),
-            width=out.width,
-            height=out.height,
-            original_width=ow,
-            original_height=oh,
-            sha256=sha256,
-            phash=phash,
-            phash_crops=phash_crops,
+        target = (
+            _target_size(*_upright((w, h), orientation), scale, cfg)
+            if scale is not None
+            else None
         )
+        try:
+            _check_budget(img, orientation, target, decoder, cfg)
+        except ImageRefused as e:
+            return _reject(e.reason, e.detail)
+
+        # 3.-4. decode, orient, convert, resize, hash, encode: everything that holds pixels,
+        # at most decode_slots at once.
+        with image_guard.decode_slots(cfg.decode_slots):
+            converted = _decode_and_convert(img, (w, h), orientation, scale, decoder, cfg)
+            if isinstance(converted, Reject):
+                return converted
+            picture, (ow, oh) = converted
+            phash, phash_crops = perceptual_hashes(picture, cfg.crop_hashes)
+            out = _finish_geometry(picture, cfg, scale is not None)
+            return NormalisedImage(
+                data=_encode(out, cfg),
+                width=out.width,
+                height=out.height,
+                original_width=ow,
+                original_height=oh,
+                sha256=sha256,
+                phash=phash,
+                phash_crops=phash_crops,
+            )
+
+
+def _decode_and_convert(
+    img: Image.Image,
+    size: tuple[int, int],
+    orientation: int | None,
+    scale: float | None,
+    decoder: int,
+    cfg: ImageConfig,
+) -> tuple[Image.Image, tuple[int, int]] | Reject:
+    """Decode (truncated data raises here), orient, convert to RGB and resize: (the RGB
+    picture, its upright original size), or a Reject."""
+    img.load()
+    if orientation is None:  # a PNG: its EXIF is only known now
+        orientation = _orientation(img)
+        if orientation != 1:  # the rotation copies the picture: check the budget again
+            upright_size = _upright(size, orientation)
+            target = _target_size(*upright_size, scale, cfg) if scale is not None else None
+            try:
+                _check_budget(img, orientation, target, decoder, cfg)
+            except ImageRefused as e:
+                return _reject(e.reason, e.detail)
+    picture, upright = _exif_transpose(img, orientation)
+    # broken EXIF: the picture keeps its stored layout
+    ow, oh = _upright(size, orientation) if upright else size
+    target = _target_size(ow, oh, scale, cfg) if scale is not None else None
+    return _convert_and_resample(picture, target), (ow, oh)
 
 
 class DecodeDoFn(beam.DoFn):
@@ -429,7 +467,7 @@ def decoded_output(record: dict[str, Any], result: NormalisedImage | Reject,
 
 
 class Decode(beam.PTransform):
-    """Records with ``_body`` → ``{"ok": decoded records, "rejects": reject rows}``."""
+    """Records with ``_body`` → ``{"records": decoded records, "rejects": reject rows}``."""
 
     def __init__(self, cfg: ImageConfig | None = None) -> None:
         super().__init__()
@@ -437,5 +475,5 @@ class Decode(beam.PTransform):
 
     def expand(self, records: beam.PCollection) -> Any:
         return records | "Decode" >> beam.ParDo(DecodeDoFn(self.cfg)).with_outputs(
-            REJECTS, main="ok"
+            REJECTS, main=MAIN
         )
