@@ -12,6 +12,9 @@ import dataclasses
 import hashlib
 from typing import Any
 
+#: The stage output contract, the same for every stage: records that go on under ``MAIN``,
+#: reject rows under ``REJECTS``, duplicate rows under ``DUPLICATES`` (tagged outputs).
+MAIN = "records"
 REJECTS = "rejects"
 DUPLICATES = "duplicates"
 

@@ -92,3 +92,74 @@ def test_beam_read_accounts_for_every_row(files):
 def test_no_match_fails_before_the_pipeline(tmp_path):
     with pytest.raises(FileNotFoundError):
         ReadLaionParquet(str(tmp_path / "*.parquet"))
+
+
+# --- hostile rows and files ------------------------------------------------------------------
+
+
+DUP_DETAIL = "source_id '7' was already used by row 0 of part-0; ids must be unique per source"
+
+
+def test_repeated_ids_keep_the_first_row_and_reject_the_rest(tmp_path):
+    """Two rows with one SAMPLE_ID (and other images) would be kept under one key, and the
+    shard would hold two members of one name: the later row is rejected as duplicate_id."""
+    from pipelines.stages.unique_keys import UniqueKeys
+
+    write(tmp_path / "laion" / "part-0.parquet", pa.table({
+        "SAMPLE_ID": pa.array([7, 8, 7, 7], pa.int64()),
+        "URL": ["http://a/first.jpg", "http://a/other.jpg", "http://a/second.jpg",
+                "http://a/first.jpg"],
+        "TEXT": ["aerial view one", "aerial view two", "aerial view three", "aerial view 4"],
+    }), row_group_size=1)  # one row per row group: any worker order
+    with TestPipeline() as p:
+        read = p | ReadLaionParquet(str(tmp_path / "*" / "*.parquet"))
+        out = read.records | UniqueKeys()
+        assert_that(out.records | beam.Map(lambda r: (r["source_id"], r["url"])),
+                    equal_to([("7", "http://a/first.jpg"), ("8", "http://a/other.jpg")]))
+        assert_that(out[REJECTS] | "R" >> beam.Map(lambda r: (r["key"], r["reason"],
+                                                                r["detail"], r["url"])),
+                    equal_to([(make_key("laion", "7"), "duplicate_id", DUP_DETAIL, u)
+                              for u in ("http://a/second.jpg", "http://a/first.jpg")]),
+                    label="rejects")
+
+
+def test_files_of_one_name_in_folders_of_one_name_get_distinct_keys(tmp_path):
+    """cc12m-style files have no id column: source_id is <file>:<row>. Two part-0.parquet in
+    two folders named cc12m used to give the same keys."""
+    for batch in ("batch-a", "batch-b"):
+        write(tmp_path / batch / "cc12m" / "part-0.parquet",
+              pa.table({"url": [f"http://{batch}/1.jpg"], "caption": ["aerial view"]}))
+    with TestPipeline() as p:
+        out = p | ReadLaionParquet(str(tmp_path / "*" / "cc12m" / "*.parquet"))
+        assert_that(out.records | beam.Map(lambda r: (r["source"], r["source_id"])),
+                    equal_to([("cc12m", "batch-a/cc12m/part-0:0"),
+                              ("cc12m", "batch-b/cc12m/part-0:0")]))
+
+
+def test_caption_and_extra_caps(tmp_path):
+    huge = "aerial view " * 1_000_000  # 12 MB
+    write(tmp_path / "laion" / "part-0.parquet", pa.table({
+        "SAMPLE_ID": pa.array([1, 2, 3, 4], pa.int64()),
+        "URL": ["http://a/1.jpg", "http://a/2.jpg", "http://a/3.jpg", "http://a/4.jpg"],
+        "TEXT": [huge, "aerial view " * 400, "aerial view", "aerial view"],
+        "blob": ["x", "y", "z" * 200_000, "ok"],
+    }))
+    out = list(read_row_group(str(tmp_path / "laion" / "part-0.parquet"), 0, ColumnMap(),
+                              "pub11"))
+    assert out[0][1].reason == "caption_too_long" and "12000000 characters" in out[0][1].detail
+    assert out[1][1].reason == "caption_too_long"  # 4800 characters > 4096
+    assert out[2][1].reason == "extra_too_large" and out[2][0]["extra"] is None
+    assert out[3]["caption"] == "aerial view"
+    loose = ColumnMap(max_caption_chars=10_000, max_extra_bytes=10**6)
+    out = list(read_row_group(str(tmp_path / "laion" / "part-0.parquet"), 0, loose, "pub11"))
+    assert isinstance(out[1], dict) and isinstance(out[2], dict)
+
+
+def test_a_file_that_is_not_parquet_is_named(tmp_path):
+    write(tmp_path / "laion" / "part-0.parquet",
+          pa.table({"URL": ["http://a/1.jpg"], "TEXT": ["aerial view"]}))
+    bad = tmp_path / "laion" / "part-1.parquet"
+    bad.write_bytes(b"<html>this is not parquet</html>")
+    with (pytest.raises(Exception, match="part-1.parquet: not a readable parquet file"),
+          TestPipeline() as p):
+        _ = p | ReadLaionParquet(str(tmp_path / "*" / "*.parquet"))

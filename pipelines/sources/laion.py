@@ -6,8 +6,17 @@ they are not given the common spellings are detected (``URL``/``url``, ``TEXT``/
 
 The source name of a file is its parent folder (``pub11/laion2b-en/part-00000.parquet`` →
 ``laion2b-en``) unless ``source`` is forced. A row's ``source_id`` is its id column
-(``SAMPLE_ID``, ``id``, ``key``...) when the file has one, else ``<file stem>:<row>``; the record
-key derives from (source, source_id), so re-running on the same files gives the same keys.
+(``SAMPLE_ID``, ``id``, ``key``...) when the file has one, else ``<file id>:<row>`` where the
+file id is the file's stem, or its path below the inputs' common folder when two files of one
+source share a stem (``a/x/part-0.parquet`` and ``b/x/part-0.parquet``); the record key derives
+from (source, source_id), so re-running on the same files gives the same keys. Two rows of one
+source with the same id value are both read; the stage :mod:`pipelines.stages.unique_keys`
+keeps the first and rejects the others as ``duplicate_id``.
+
+Rows are hostile input: a caption longer than ``max_caption_chars`` (after whitespace is
+collapsed) is rejected as ``caption_too_long``, and a row whose other columns take more than
+``max_extra_bytes`` of JSON as ``extra_too_large`` (both stage ``read``), so one 10 MB cell
+cannot ride along to the shards. A file that is not parquet fails the build with its path named.
 
 Files are split by row group so a 10 GB parquet file is read by many workers, and read through
 Beam's ``FileSystems`` so local paths, gs:// and s3:// all work.
@@ -36,14 +45,21 @@ ID_NAMES = ("sample_id", "id", "key", "uid", "image_id")
 LICENSE_NAMES = ("license",)
 
 
+#: caps on what one row may carry (characters of caption, bytes of the ``extra`` JSON)
+MAX_CAPTION_CHARS = 4096
+MAX_EXTRA_BYTES = 64 * 1024
+
+
 @dataclasses.dataclass(frozen=True)
 class ColumnMap:
-    """Which input column plays which role; ``None`` means auto-detect."""
+    """Which input column plays which role; ``None`` means auto-detect. Also the row caps."""
 
     url_col: str | None = None
     caption_col: str | None = None
     id_col: str | None = None
     source: str | None = None
+    max_caption_chars: int = MAX_CAPTION_CHARS
+    max_extra_bytes: int = MAX_EXTRA_BYTES
 
 
 def _detect(columns: list[str], wanted: str | None, names: tuple[str, ...]) -> str | None:
@@ -110,6 +126,26 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
+def file_ids(paths: list[str], cmap: ColumnMap) -> dict[str, str]:
+    """The id of each file in id-less sources' ``source_id`` (``<file id>:<row>``): its stem,
+    unless another file of the same source has that stem too; then its path below the common
+    folder of all inputs, without the extension (so no two files give the same keys)."""
+    stems = {p: posixpath.splitext(posixpath.basename(p))[0] for p in paths}
+    seen: dict[tuple[str, str], int] = {}
+    for p in paths:
+        k = (source_name(p, cmap), stems[p])
+        seen[k] = seen.get(k, 0) + 1
+    common = posixpath.dirname(posixpath.commonprefix(paths)) if len(paths) > 1 else ""
+    out = {}
+    for p in paths:
+        if seen[(source_name(p, cmap), stems[p])] == 1:
+            out[p] = stems[p]
+        else:
+            rel = p[len(common):].lstrip("/") if common else p
+            out[p] = posixpath.splitext(rel)[0]
+    return out
+
+
 def row_to_record(
     row: dict[str, Any],
     *,
@@ -118,9 +154,11 @@ def row_to_record(
     cols: ResolvedColumns,
     source: str,
     subset: str,
+    file_id: str | None = None,
+    cmap: ColumnMap = ColumnMap(),
 ) -> dict[str, Any] | tuple[dict[str, Any], Reject]:
     """One parquet row → a record, or (record, Reject) when the row is unusable as text."""
-    stem = posixpath.splitext(posixpath.basename(path))[0]
+    stem = file_id or posixpath.splitext(posixpath.basename(path))[0]
     raw_id = row.get(cols.id) if cols.id else None
     source_id = str(raw_id) if raw_id is not None else f"{stem}:{row_index}"
     url = row.get(cols.url)
@@ -136,7 +174,7 @@ def row_to_record(
         "url": url or None,
         "license": str(row[cols.license]) if cols.license and row.get(cols.license) else None,
         "caption": None,
-        "caption_kind": "alt_text",
+        "caption_kind": "web",
         "extra": json.dumps(
             {
                 k: _jsonable(v)
@@ -146,15 +184,31 @@ def row_to_record(
             sort_keys=True,
             ensure_ascii=False,
         ),
+        # input order (file, row): which of two rows sharing an id is the first
+        "_order": f"{stem}\x1f{row_index:012d}",
     }
+    extra_bytes = len(record["extra"].encode("utf-8", errors="replace"))
+    if extra_bytes > cmap.max_extra_bytes:
+        record["extra"] = None
+        return record, Reject("read", "extra_too_large",
+                              f"the other columns take {extra_bytes} bytes of JSON > "
+                              f"{cmap.max_extra_bytes}")
     if isinstance(raw_caption, bytes):
         try:
             raw_caption = raw_caption.decode("utf-8")
         except UnicodeDecodeError as e:
             return record, Reject("read", "caption_not_utf8", f"{e.reason} at byte {e.start}")
+    if isinstance(raw_caption, str) and len(raw_caption) > 8 * cmap.max_caption_chars:
+        # no point collapsing whitespace in megabytes of text: it cannot fit whatever it holds
+        return record, Reject("read", "caption_too_long",
+                              f"caption has {len(raw_caption)} characters > "
+                              f"{cmap.max_caption_chars}")
     caption = " ".join(raw_caption.split()) if isinstance(raw_caption, str) else ""
     if not caption:
         return record, Reject("read", "empty_caption", None)
+    if len(caption) > cmap.max_caption_chars:
+        return record, Reject("read", "caption_too_long",
+                              f"caption has {len(caption)} characters > {cmap.max_caption_chars}")
     record["caption"] = caption
     record["captions"] = [caption]
     if not record["url"]:
@@ -162,18 +216,37 @@ def row_to_record(
     return record
 
 
+class UnreadableInputError(ValueError):
+    """An input file that is not parquet at all (the whole file is unusable)."""
+
+
+def _parquet_file(f: Any, path: str) -> pq.ParquetFile:
+    try:
+        return pq.ParquetFile(f)
+    except (pa.ArrowException, OSError, ValueError) as e:
+        raise UnreadableInputError(
+            f"{path}: not a readable parquet file ({type(e).__name__}: {e}); "
+            "fix or remove it, or narrow --input") from e
+
+
 def read_row_group(
-    path: str, row_group: int, cmap: ColumnMap, subset: str
+    path: str, row_group: int, cmap: ColumnMap, subset: str, file_id: str | None = None
 ) -> Iterator[dict[str, Any] | tuple[dict[str, Any], Reject]]:
     with FileSystems.open(path) as f:
-        pf = pq.ParquetFile(f)
+        pf = _parquet_file(f, path)
         cols = resolve_columns(path, pf.schema_arrow.names, cmap)
         offset = sum(pf.metadata.row_group(i).num_rows for i in range(row_group))
-        table: pa.Table = pf.read_row_group(row_group)
+        try:
+            table: pa.Table = pf.read_row_group(row_group)
+        except (pa.ArrowException, OSError) as e:
+            raise UnreadableInputError(
+                f"{path}: row group {row_group} cannot be read ({type(e).__name__}: {e})"
+            ) from e
     source = source_name(path, cmap)
     for i, row in enumerate(table.to_pylist()):
         yield row_to_record(
-            row, row_index=offset + i, path=path, cols=cols, source=source, subset=subset
+            row, row_index=offset + i, path=path, cols=cols, source=source, subset=subset,
+            file_id=file_id, cmap=cmap,
         )
 
 
@@ -192,13 +265,14 @@ class _ListRowGroups(beam.DoFn):
     def __init__(self, cmap: ColumnMap):
         self.cmap = cmap
 
-    def process(self, path: str):
+    def process(self, item: tuple[str, str]):
+        path, file_id = item
         with FileSystems.open(path) as f:
-            pf = pq.ParquetFile(f)
+            pf = _parquet_file(f, path)
             resolve_columns(path, pf.schema_arrow.names, self.cmap)  # fail early, loudly
             n = pf.metadata.num_row_groups
         for rg in range(n):
-            yield path, rg
+            yield path, file_id, rg
 
 
 class _ReadRowGroup(beam.DoFn):
@@ -207,9 +281,9 @@ class _ReadRowGroup(beam.DoFn):
         self.subset = subset
         self.rows = beam.metrics.Metrics.counter("read", "rows")
 
-    def process(self, item: tuple[str, int]):
-        path, rg = item
-        for out in read_row_group(path, rg, self.cmap, self.subset):
+    def process(self, item: tuple[str, str, int]):
+        path, file_id, rg = item
+        for out in read_row_group(path, rg, self.cmap, self.subset, file_id):
             self.rows.inc()
             if isinstance(out, tuple):
                 record, rej = out
@@ -229,11 +303,12 @@ class ReadLaionParquet(beam.PTransform):
         self.paths = expand_glob(pattern)
         self.cmap = cmap
         self.subset = subset
+        self.file_ids = file_ids(self.paths, cmap)
 
     def expand(self, pbegin):
         return (
             pbegin
-            | "Files" >> beam.Create(self.paths)
+            | "Files" >> beam.Create([(p, self.file_ids[p]) for p in self.paths])
             | "RowGroups" >> beam.ParDo(_ListRowGroups(self.cmap))
             | "Spread" >> beam.Reshuffle()
             | "Rows" >> beam.ParDo(_ReadRowGroup(self.cmap, self.subset)).with_outputs(

@@ -24,11 +24,10 @@ from typing import Any
 
 import apache_beam as beam
 
-from pipelines.records import REJECTS, Reject, reject_row
+from pipelines.records import MAIN, REJECTS, Reject, reject_row
 
 STAGE = "clip_filter"
 LOW = "low_clip_score"
-MAIN = "records"
 
 
 #: histogram bins over the cosine range [-1, 1] (width 3e-5)

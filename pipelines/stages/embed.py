@@ -33,13 +33,12 @@ import apache_beam as beam
 import numpy as np
 from apache_beam.ml.inference.base import PredictionResult, RunInference
 
-from pipelines.records import REJECTS, Reject, reject_row
+from pipelines.records import MAIN, REJECTS, Reject, reject_row
 
 STAGE = "embed"
 UNDECODABLE = "undecodable"
 IMAGE_FIELD = "_img_emb"
 TEXT_FIELD = "_txt_emb"
-MAIN = "records"
 
 
 def clip_score(image_emb: np.ndarray, text_emb: np.ndarray) -> float:

@@ -20,12 +20,11 @@ from typing import Any
 import apache_beam as beam
 from apache_beam.ml.inference.base import PredictionResult, RunInference
 
-from pipelines.records import REJECTS, Reject, reject_row
+from pipelines.records import MAIN, REJECTS, Reject, reject_row
 
 STAGE = "rs_filter"
 NON_RS = "non_rs"
 UNDECODABLE = "undecodable"
-MAIN = "records"
 
 
 def rs_decision(record: dict[str, Any], score: float | None, threshold: float) -> dict | Reject:
