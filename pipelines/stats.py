@@ -1,10 +1,14 @@
-"""``make stats OUTPUT=dir``: the build's per-source stage table, in RS5M's shape, from DuckDB.
+"""``make stats OUTPUT=dir``: a build's stage table per subset, from DuckDB.
 
 DuckDB reads ``index/``, ``rejects/`` and ``duplicates/`` directly (they are plain parquet), so
-the table is recomputed from what was written, not from the job's counters: it is also a check
-of the files. Columns follow RS5M's PUB11 table (keyword hits → downloaded → invalid →
-duplicates → non-RS → kept), with the rows the paper did not count (unreadable rows, URL
-repeats) in their own columns so every input row is somewhere.
+the tables are recomputed from what was written, not from the job's counters: they are also a
+check of the files. One table per subset, one row per source, with the recipe's columns:
+
+* ``pub11`` follows RS5M's PUB11 table (keyword hits → downloaded → invalid → duplicates →
+  non-RS → kept), with the rows the paper did not count (unreadable rows, URL repeats) in
+  their own columns so every input row is somewhere;
+* every other subset is a funnel: input, then the rows each stage took out (rejected ✗ or
+  duplicate ≡, stages in pipeline order), then kept.
 
 Caption lengths are counted in CLIP BPE tokens (open_clip's tokenizer, the one the trainer
 uses), with the share of captions that do not fit the 77-token context (75 + start/end).
@@ -69,9 +73,15 @@ ORDER BY src.source
 """
 
 
-def _table(output: str, folder: str, columns: str) -> str:
-    """A DuckDB relation over ``folder``'s parquet files, or an empty one with ``columns``."""
-    pattern = os.path.join(output, folder, "*.parquet")
+#: the order stages run in, over every recipe (a stage not listed goes last, by name)
+STAGE_ORDER = ("read", "keywords", "url_dedup", "fetch", "decode", "georef", "caption",
+               "dedup", "rs_filter", "embed", "clip_filter", "decontam", "semantic_dedup")
+
+
+def _table(output: str, folder: str, columns: str, subset: str | None = None) -> str:
+    """A DuckDB relation over ``folder``'s parquet files (of one subset, if given), or an
+    empty one with ``columns``."""
+    pattern = os.path.join(output, folder, f"{subset}-*.parquet" if subset else "*.parquet")
     con = duckdb.connect()
     if con.execute(f"SELECT count(*) FROM glob('{pattern}')").fetchone()[0]:
         return f"read_parquet('{pattern}')"
@@ -79,23 +89,72 @@ def _table(output: str, folder: str, columns: str) -> str:
     return f"(SELECT {cols} WHERE false)"
 
 
-def stage_table(output: str) -> list[dict]:
+def subsets_of(output: str) -> list[str]:
+    """The subsets of a build folder: those ``stats.json`` lists, else those with files."""
+    import json
+
+    try:
+        with open(os.path.join(output, "stats.json"), encoding="utf-8") as f:
+            listed = json.load(f).get("subsets")
+        if listed:
+            return list(listed)
+    except (OSError, ValueError):
+        pass
+    found = set()
+    for folder in ("index", "rejects", "duplicates"):
+        for name in os.listdir(os.path.join(output, folder)) if os.path.isdir(
+                os.path.join(output, folder)) else []:
+            if name.endswith(".parquet") and "-" in name:
+                found.add(name.rsplit("-", 1)[0])
+    return sorted(found)
+
+
+def stage_table(output: str, subset: str | None = None) -> list[dict]:
+    """RS5M's PUB11 table (per source) of ``subset`` (default: the whole build)."""
     con = duckdb.connect()
     sql = STAGE_SQL.format(
-        index=_table(output, "index", "source,caption"),
-        rejects=_table(output, "rejects", "source,stage,reason"),
-        duplicates=_table(output, "duplicates", "source,stage,method"),
+        index=_table(output, "index", "source,caption", subset),
+        rejects=_table(output, "rejects", "source,stage,reason", subset),
+        duplicates=_table(output, "duplicates", "source,stage,method", subset),
     )
     cur = con.execute(sql)
     names = [d[0] for d in cur.description]
     return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
 
 
-def reason_table(output: str) -> list[tuple[str, str, str, int]]:
-    """(outcome, stage, reason, count) over the whole build, largest first."""
+def _stage_rank(stage: str) -> tuple[int, str]:
+    return (STAGE_ORDER.index(stage) if stage in STAGE_ORDER else len(STAGE_ORDER), stage)
+
+
+def funnel_table(output: str, subset: str) -> tuple[list[str], list[list]]:
+    """(header, rows) of a subset's funnel: per source, input, what each stage took out
+    (``stage ✗`` rejected, ``stage ≡`` duplicate), kept; a TOTAL row last."""
     con = duckdb.connect()
-    rejects = _table(output, "rejects", "source,stage,reason")
-    dups = _table(output, "duplicates", "source,stage,method")
+    index = _table(output, "index", "source,caption", subset)
+    rejects = _table(output, "rejects", "source,stage,reason", subset)
+    dups = _table(output, "duplicates", "source,stage,method", subset)
+    kept = dict(con.execute(f"SELECT source, count(*) FROM {index} GROUP BY 1").fetchall())
+    out: dict[tuple[str, str], dict[str, int]] = {}
+    for kind, rel in (("✗", rejects), ("≡", dups)):
+        for source, stage, n in con.execute(
+                f"SELECT source, stage, count(*) FROM {rel} GROUP BY 1, 2").fetchall():
+            out.setdefault((stage, kind), {})[source] = n
+    columns = sorted(out, key=lambda sk: (_stage_rank(sk[0]), sk[1]))
+    sources = sorted(set(kept) | {s for v in out.values() for s in v})
+    rows = []
+    for source in sources:
+        taken = [out[c].get(source, 0) for c in columns]
+        rows.append([source, kept.get(source, 0) + sum(taken), *taken, kept.get(source, 0)])
+    if rows:
+        rows.append(["TOTAL", *[sum(r[i] for r in rows) for i in range(1, len(rows[0]))]])
+    return ["source", "input", *[f"{st} {k}" for st, k in columns], "kept"], rows
+
+
+def reason_table(output: str, subset: str | None = None) -> list[tuple[str, str, str, int]]:
+    """(outcome, stage, reason, count) over ``subset`` (default: the build), largest first."""
+    con = duckdb.connect()
+    rejects = _table(output, "rejects", "source,stage,reason", subset)
+    dups = _table(output, "duplicates", "source,stage,method", subset)
     return con.execute(
         f"""SELECT 'rejected', stage, reason, count(*) FROM {rejects} GROUP BY ALL
             UNION ALL
@@ -116,25 +175,36 @@ def caption_token_lengths(output: str) -> np.ndarray:
 def _fmt_table(header: list[str], rows: list[list]) -> str:
     cells = [header] + [[str(c) for c in r] for r in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
-    line = lambda r: "  ".join(  # noqa: E731
+    line = lambda r: "  ".join(
         c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))
     )
     sep = "  ".join("-" * w for w in widths)
     return "\n".join([line(cells[0]), sep] + [line(r) for r in cells[1:]])
 
 
-def report(output: str, context_length: int = 77) -> str:
-    rows = stage_table(output)
+def pub11_table(output: str, subset: str = "pub11") -> tuple[list[str], list[list]]:
+    rows = stage_table(output, subset)
     total = {k: sum(r[k] for r in rows) for k, _ in COLUMNS}
     body = [[r["source"]] + [r[k] for k, _ in COLUMNS] for r in rows]
     body.append(["TOTAL"] + [total[k] for k, _ in COLUMNS])
-    out = ["Per-source stages (RS5M PUB11 shape):",
-           _fmt_table(["source"] + [label for _, label in COLUMNS], body), ""]
-    reasons = reason_table(output)
-    if reasons:
-        out += ["Rejects and duplicates by reason:",
-                _fmt_table(["outcome", "stage", "reason", "count"], [list(r) for r in reasons]),
-                ""]
+    return ["source"] + [label for _, label in COLUMNS], body
+
+
+def report(output: str, context_length: int = 77) -> str:
+    out = []
+    for subset in subsets_of(output):
+        if subset == "pub11":
+            header, body = pub11_table(output, subset)
+            out.append(f"Subset {subset}: stages per source (RS5M PUB11 shape):")
+        else:
+            header, body = funnel_table(output, subset)
+            out.append(f"Subset {subset}: stages per source (✗ rejected, ≡ duplicate):")
+        out += [_fmt_table(header, body), ""]
+        reasons = reason_table(output, subset)
+        if reasons:
+            out += [f"Subset {subset}: rejects and duplicates by reason:",
+                    _fmt_table(["outcome", "stage", "reason", "count"],
+                               [list(r) for r in reasons]), ""]
     lengths = caption_token_lengths(output)
     if len(lengths):
         q = np.percentile(lengths, [5, 25, 50, 75, 95]).round(1)

@@ -4,6 +4,7 @@ import io
 
 import apache_beam as beam
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
@@ -12,7 +13,8 @@ from pipelines.demo.scenes import CLASSES, render_scene
 from pipelines.demo.tiny_models import build_tiny_clip
 from pipelines.models.handlers import OpenClipImageTextEmbedder
 from pipelines.records import REJECTS
-from pipelines.sinks.embeddings import WriteEmbeddings, load_embeddings
+from pipelines.sinks.embeddings import load_embeddings
+from pipelines.sinks.shards import WriteShards
 from pipelines.stages.clip_filter import (
     BINS,
     ClipScoreFilter,
@@ -40,7 +42,7 @@ def _records(n, seed=0):
         res = normalise_image(buf.getvalue(), ImageConfig(image_size=64))
         out.append({"key": f"{i:04x}aaaa", "subset": "t", "source": ["a", "b"][i % 2],
                     "source_id": str(i), "url": f"http://x/{i}", "caption":
-                    f"an aerial image of a {CLASSES[i % len(CLASSES)]}",
+                    f"an aerial image of a {CLASSES[i % len(CLASSES)]}", "caption_kind": "web",
                     "_image": res.data, "phash": res.phash})
     return out
 
@@ -115,10 +117,14 @@ def test_embed_filter_and_embeddings_folder(tiny, tmp_path):
     with TestPipeline() as p:
         emb = p | beam.Create(recs) | Embed(tiny, batch_size=4)
         kept = emb.records | ClipScoreFilter(top_percent=50)
-        _ = kept["records"] | WriteEmbeddings(folder, "t", samples_per_shard=4)
+        # the shard writer writes each shard's embeddings part from the same rows
+        _ = kept["records"] | WriteShards(str(tmp_path / "out"), "t", samples_per_shard=4,
+                                          embeddings_dir=folder)
         assert_that(kept[REJECTS] | beam.Map(lambda r: (r["source"], r["reason"])),
                     equal_to([("a", "low_clip_score")] * 3 + [("b", "low_clip_score")] * 3))
     img, txt, meta = load_embeddings(folder)
+    assert (meta["shard"].to_pylist()
+            == pq.read_table(str(tmp_path / "out" / "index")).column("shard").to_pylist())
     assert img.dtype == np.float16 and txt.dtype == np.float16
     assert img.shape == txt.shape == (6, 64) and meta.num_rows == 6
     np.testing.assert_allclose(np.linalg.norm(img.astype(np.float32), axis=1), 1, atol=2e-3)

@@ -11,7 +11,20 @@ from apache_beam.testing.test_pipeline import TestPipeline
 from PIL import Image
 
 import schemas
-from pipelines.sinks.shards import AccountingError, WriteBuild, build_stats
+from pipelines.records import stable_hash
+from pipelines.sinks.shards import (
+    AccountingError,
+    WriteBuild,
+    WriteSubset,
+    build_stats,
+    clear_previous,
+    num_files,
+)
+
+
+def _read(path) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
 
 
 def jpeg(color):
@@ -20,11 +33,11 @@ def jpeg(color):
     return buf.getvalue()
 
 
-def kept(i):
+def kept(i, subset="pub11"):
     return {
-        "key": f"{i:020x}", "subset": "pub11", "source": "laion" if i % 2 else "coyo",
+        "key": f"{i:020x}", "subset": subset, "source": "laion" if i % 2 else "coyo",
         "source_id": str(i), "url": f"http://x/{i}.jpg", "caption": f"aerial view {i}",
-        "caption_kind": "alt_text", "captions": [f"aerial view {i}"], "width": 32,
+        "caption_kind": "web", "captions": [f"aerial view {i}"], "width": 32,
         "height": 32, "sha256": "0" * 64, "phash": "0" * 16, "rs_score": 0.9,
         "tags": {"landuse": "forest"}, "_image": jpeg((i * 20 % 255, 80, 120)),
     }
@@ -37,16 +50,16 @@ DUP = [{"key": "e" * 20, "subset": "pub11", "source": "coyo", "source_id": "98",
         "method": "url", "similarity": 1.0}]
 
 
-def build(out, rows, rejects=REJ, dups=DUP, inputs=None, per_shard=4):
+def build(out, rows, rejects=REJ, dups=DUP, inputs=None, per_shard=4, subsets=("pub11",)):
     inputs = inputs if inputs is not None else rows + rejects + dups
     with TestPipeline() as p:
-        pc = lambda name, xs: p | name >> beam.Create(xs, reshuffle=False)  # noqa: E731
+        pc = lambda name, xs: p | name >> beam.Create(xs, reshuffle=False)
         {
-            "inputs": pc("I", [{"source": r["source"]} for r in inputs]),
+            "inputs": pc("I", [{"source": r["source"], "subset": r["subset"]} for r in inputs]),
             "kept": pc("K", rows),
             "rejects": pc("R", rejects),
             "duplicates": pc("D", dups),
-        } | WriteBuild(str(out), "rs5m", "pub11", {"recipe": "rs5m"}, per_shard)
+        } | WriteBuild(str(out), "rs5m", list(subsets), {"recipe": "rs5m"}, per_shard)
 
 
 def test_layout_counts_and_webdataset_reads_it(tmp_path):
@@ -87,13 +100,13 @@ def test_same_rows_in_any_order_give_identical_bytes(tmp_path):
     assert len(files_a) > 5
     for fa in files_a:
         fb = fa.replace(str(tmp_path / "a"), str(tmp_path / "b"))
-        assert open(fa, "rb").read() == open(fb, "rb").read(), fa
+        assert _read(fa) == _read(fb), fa
 
 
 def test_broken_accounting_fails_the_job(tmp_path):
     rows = [kept(i) for i in range(3)]
     with pytest.raises(Exception, match="accounting invariant broken"):
-        build(tmp_path, rows, inputs=rows + REJ + DUP + [{"source": "laion"}])
+        build(tmp_path, rows, inputs=rows + REJ + DUP + [{"source": "laion", "subset": "pub11"}])
     assert not (tmp_path / "stats.json").exists()
 
 
@@ -105,21 +118,102 @@ def test_build_stats_checks_per_source():
 
 def test_shards_must_hold_what_was_kept(tmp_path):
     """A runner that loses elements inside the shard GroupByKey must fail the build."""
-    wb = WriteBuild(str(tmp_path), "rs5m", "pub11", {})
+    ws = WriteSubset(str(tmp_path), "rs5m", "pub11", {})
     with pytest.raises(AccountingError, match="shards hold 1 samples but 2 were kept"):
-        wb._finish(None, inputs=[("laion", 2)], kept=[("laion", 2)], rejected=[], dups=[],
-                   shards=[("pub11-00000.tar", 1)], files=[])
-    assert not (tmp_path / "stats.json").exists()
+        ws._finish(None, inputs=[("laion", 2)], kept=[("laion", 2)], rejected=[], dups=[],
+                   shards=[("pub11-00000.tar", 1, 0)], files=[])
+    assert not (tmp_path / "subsets" / "pub11" / "stats.json").exists()
 
 
 def test_embeddings_must_hold_what_was_kept(tmp_path):
-    """stats.json waits for the embeddings folder and checks its row count."""
-    wb = WriteBuild(str(tmp_path), "rs5m", "pub11", {})
+    """The subset's stats.json waits for the embeddings parts and checks their row count."""
+    ws = WriteSubset(str(tmp_path), "rs5m", "pub11", {}, embeddings_dir=str(tmp_path / "e"))
     args = {"inputs": [("laion", 2)], "kept": [("laion", 2)], "rejected": [], "dups": [],
-            "shards": [("pub11-00000.tar", 2)], "files": []}
+            "files": []}
     with pytest.raises(AccountingError, match="embeddings folder holds 1 rows but 2"):
-        wb._finish(None, **args, embeddings=[(0, 1)])
+        ws._finish(None, **args, shards=[("pub11-00000.tar", 2, 1)])
+    assert not (tmp_path / "subsets" / "pub11" / "stats.json").exists()
+    ws._finish(None, **args, shards=[("pub11-00000.tar", 1, 1), ("pub11-00001.tar", 1, 1)])
+    manifest = json.loads((tmp_path / "subsets" / "pub11" / "manifest.json").read_text())
+    assert manifest["embedding_parts"] == 2
+    assert (tmp_path / "subsets" / "pub11" / "stats.json").exists()
+
+
+def test_shard_numbers_are_contiguous(tmp_path):
+    """Rows hashed into buckets 0 and 2 of 3 still make shards 00000 and 00001: a brace range
+    {00000..N} names every shard and nothing else."""
+    n = num_files(9, 4)
+    rows = [kept(i) for i in range(200) if stable_hash(f"{i:020x}") % n != 1][:9]
+    assert len(rows) == 9 and {stable_hash(r["key"]) % n for r in rows} == {0, 2}
+    build(tmp_path, rows, inputs=rows + REJ + DUP)
+    names = sorted(os.path.basename(p) for p in glob.glob(str(tmp_path / "shards" / "*.tar")))
+    assert names == ["pub11-00000.tar", "pub11-00001.tar"]
+    assert sorted(json.loads((tmp_path / "sizes.json").read_text())) == names
+    index = pq.read_table(str(tmp_path / "index")).column("shard").to_pylist()
+    assert sorted(set(index)) == names
+
+
+def test_a_repeated_key_fails_the_build(tmp_path):
+    """Two kept rows with one key would give a tar webdataset refuses to read."""
+    rows = [kept(i) for i in range(3)]
+    twin = dict(kept(1), source_id="another-row", url="http://x/other.jpg")
+    with pytest.raises(Exception, match="is kept twice"):
+        build(tmp_path, rows + [twin], inputs=rows + [twin] + REJ + DUP)
     assert not (tmp_path / "stats.json").exists()
-    wb._finish(None, **args, embeddings=[(0, 1), (1, 1)])
+
+
+def test_a_row_of_another_subset_fails_the_build(tmp_path):
+    rows = [kept(i) for i in range(3)] + [kept(7, subset="rs3")]
+    with pytest.raises(Exception, match="subset 'rs3' reached a sink that writes only"):
+        build(tmp_path, rows)
+
+
+def _two_subsets(out, n_local=5):
+    a = [kept(i) for i in range(6)]
+    b = [kept(100 + i, subset="local") for i in range(n_local)]
+    rej_b = [dict(REJ[0], key="d" * 20, subset="local", source="mine")]
+    build(out, a + b, rejects=REJ + rej_b, dups=DUP, subsets=("pub11", "local"))
+    return a, b, rej_b
+
+
+def test_two_subsets_write_their_own_files_and_merged_documents(tmp_path):
+    a, b, _ = _two_subsets(tmp_path)
+    assert glob.glob(str(tmp_path / "shards" / "local-*.tar"))
+    assert glob.glob(str(tmp_path / "rejects" / "local-*.parquet"))
+    stats = json.loads((tmp_path / "stats.json").read_text())
+    schemas.check_doc_version(stats)
+    assert stats["subsets"] == ["local", "pub11"] and stats["subset"] is None
+    assert (stats["input"], stats["kept"]) == (len(a + b) + 3, len(a + b))
+    per = {s["subset"]: s for s in stats["by_subset"]}
+    assert (per["local"]["input"], per["local"]["kept"], per["local"]["rejected"]) == (6, 5, 1)
+    assert (per["pub11"]["input"], per["pub11"]["kept"]) == (8, 6)
+    for s, row in per.items():
+        sub = json.loads((tmp_path / "subsets" / s / "stats.json").read_text())
+        assert sub["input"] == row["input"] == sub["kept"] + sub["rejected"] + sub["duplicates"]
+    sizes = json.loads((tmp_path / "sizes.json").read_text())
+    assert sizes == json.loads((tmp_path / "shards" / "sizes.json").read_text())
+    assert sum(sizes.values()) == len(a + b)
     manifest = json.loads((tmp_path / "manifest.json").read_text())
-    assert manifest["embedding_parts"] == 2 and (tmp_path / "stats.json").exists()
+    assert sorted(manifest["subsets"]) == ["local", "pub11"] and manifest["shards"] == list(sizes)
+
+
+def test_rebuilding_one_subset_keeps_the_other_and_the_merge_right(tmp_path):
+    a, _, _ = _two_subsets(tmp_path)
+    pub11_files = {p: _read(p)
+                   for p in glob.glob(str(tmp_path / "*" / "pub11-*"))}
+    # the local subset again, alone and smaller: the earlier local files must go, pub11 stay
+    removed = clear_previous(str(tmp_path), ["local"])
+    assert any("local-" in p for p in removed) and not (tmp_path / "stats.json").exists()
+    assert not (tmp_path / "shards" / "sizes.json").exists()
+    smaller = [kept(100 + i, subset="local") for i in range(2)]
+    build(tmp_path, smaller, rejects=[], dups=[], subsets=("local",))
+    for p, data in pub11_files.items():
+        assert _read(p) == data, p
+    stats = json.loads((tmp_path / "stats.json").read_text())
+    assert stats["subsets"] == ["local", "pub11"]
+    assert stats["kept"] == len(a) + 2 and stats["input"] == len(a) + 2 + 2
+    sizes = json.loads((tmp_path / "shards" / "sizes.json").read_text())
+    local = [k for k in sizes if k.startswith("local-")]
+    assert sum(sizes[k] for k in local) == 2
+    assert sorted(local) == sorted(os.path.basename(p) for p in
+                                   glob.glob(str(tmp_path / "shards" / "local-*.tar")))

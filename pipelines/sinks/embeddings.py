@@ -1,31 +1,29 @@
-"""The embeddings folder of a build, in clip-retrieval's layout::
+"""The embeddings folder of a build, in clip-retrieval's layout, one folder per subset::
 
-    {embeddings_dir}/img_emb/img_emb_{N}.npy       float16 [n_N, D], L2-normalised image embeddings
-    {embeddings_dir}/text_emb/text_emb_{N}.npy     float16 [n_N, D], L2-normalised caption embeddings
-    {embeddings_dir}/metadata/metadata_{N}.parquet key, shard, caption, url, source, source_id,
-                                                   clip_score: row i describes row i of both .npy
+    {embeddings_dir}/{subset}/img_emb/img_emb_{N}.npy    float16 [n_N, D], L2-normalised images
+    {embeddings_dir}/{subset}/text_emb/text_emb_{N}.npy  float16 [n_N, D], L2-normalised captions
+    {embeddings_dir}/{subset}/metadata/metadata_{N}.parquet  key, shard, caption, url, source,
+                                     source_id, clip_score: row i describes row i of both .npy
 
-Part ``N`` holds exactly the samples of shard ``{subset}-{N:05d}.tar`` (same stable-hash
-assignment and count as ``pipelines.sinks.shards``), sorted by key like the shard, so the same
+Part ``N`` holds exactly the samples of shard ``{subset}-{N:05d}.tar``, sorted by key like the
+shard: the shard writer (``pipelines.sinks.shards``) writes both from the same rows, so the same
 input and config give byte-identical files on any runner. clip-retrieval's ``clip_index`` /
-``embedding_reader`` read the folder as is (file numbering without zero padding, as theirs).
-``load_embeddings(folder)`` reads it back (numpy + pyarrow) for tests and notebooks.
+``embedding_reader`` read a subset's folder as is (file numbering without zero padding, as
+theirs). ``load_embeddings(folder)`` reads it back (numpy + pyarrow) for tests and notebooks:
+a subset's folder, or the embeddings folder (every subset, in name order).
 """
 
 from __future__ import annotations
 
 import io
-from collections.abc import Iterable
 from typing import Any
 
-import apache_beam as beam
 import numpy as np
 import pyarrow as pa
 from apache_beam.io.filesystems import FileSystems
 
 import schemas
-from pipelines.records import stable_hash
-from pipelines.sinks.shards import join, num_files, parquet_bytes, shard_name, write_atomic
+from pipelines.sinks.shards import join, parquet_bytes, shard_name
 
 IMAGE_FIELD = "_img_emb"
 TEXT_FIELD = "_txt_emb"
@@ -56,57 +54,26 @@ def part_files(rows: list[dict[str, Any]], subset: str, index: int) -> dict[str,
     }
 
 
-class _WritePart(beam.DoFn):
-    def __init__(self, folder: str, subset: str):
-        self.folder = folder
-        self.subset = subset
-
-    def process(self, item: tuple[int, Iterable[dict]]):
-        index, rows = item
-        rows = list(rows)
-        for rel, data in part_files(rows, self.subset, index).items():
-            write_atomic(join(self.folder, *rel.split("/")), data)
-        yield index, len(rows)
-
-
-class WriteEmbeddings(beam.PTransform):
-    """Kept records (with ``_img_emb``/``_txt_emb``) → the clip-retrieval folder; parts follow
-    the shard assignment of ``WriteShards(samples_per_shard)``. Output: (part, rows)."""
-
-    def __init__(self, folder: str, subset: str, samples_per_shard: int = 10_000):
-        super().__init__()
-        self.folder = folder
-        self.subset = subset
-        self.samples_per_shard = samples_per_shard
-
-    def expand(self, records):
-        per = self.samples_per_shard
-        count = records | "EmbCount" >> beam.combiners.Count.Globally()
-        slim = records | "EmbSlim" >> beam.Map(lambda r: {
-            k: r.get(k) for k in ("key", "caption", "url", "source", "source_id", "clip_score",
-                                  IMAGE_FIELD, TEXT_FIELD)})
-        return (
-            slim
-            | "EmbAssign" >> beam.Map(lambda r, n: (stable_hash(r["key"]) % num_files(n, per), r),
-                                      n=beam.pvalue.AsSingleton(count))
-            | "EmbGroup" >> beam.GroupByKey()
-            | "EmbWrite" >> beam.ParDo(_WritePart(self.folder, self.subset))
-        )
-
-
-def clear(folder: str) -> None:
-    """Remove the parts of an earlier build from ``folder``."""
-    pats = [join(folder, d, f"{d}_*.{ext}") for d, ext in
-            (("img_emb", "npy"), ("text_emb", "npy"), ("metadata", "parquet"))]
-    for pat in pats:
-        found = [m.path for m in FileSystems.match([pat])[0].metadata_list]
-        if found:
-            FileSystems.delete(found)
+def subset_parts(folder: str, subset: str) -> list[str]:
+    """The files of ``subset``'s part of the embeddings folder ``folder``."""
+    found = []
+    for d, ext in (("img_emb", "npy"), ("text_emb", "npy"), ("metadata", "parquet")):
+        found += [m.path for m in FileSystems.match([join(folder, subset, d, f"{d}_*.{ext}")])[0]
+                  .metadata_list]
+    return sorted(found)
 
 
 def load_embeddings(folder: str) -> tuple[np.ndarray, np.ndarray, pa.Table]:
-    """(image embeddings, text embeddings, metadata) of every part, in part order."""
+    """(image embeddings, text embeddings, metadata) of every part, in part order; given the
+    embeddings folder itself, every subset's parts in subset name order."""
     import pyarrow.parquet as pq
+
+    subsets = sorted({m.path.rstrip("/").split("/")[-3] for m in FileSystems.match(
+        [join(folder, "*", "img_emb", "img_emb_*.npy")])[0].metadata_list})
+    if subsets and not FileSystems.match([join(folder, "img_emb", "*")])[0].metadata_list:
+        loaded = [load_embeddings(join(folder, s)) for s in subsets]
+        return (np.concatenate([x[0] for x in loaded]), np.concatenate([x[1] for x in loaded]),
+                pa.concat_tables([x[2] for x in loaded]))
 
     def parts(d: str, ext: str) -> list[str]:
         found = [m.path for m in FileSystems.match([join(folder, d, f"{d}_*.{ext}")])[0]

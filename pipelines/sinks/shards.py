@@ -1,23 +1,39 @@
 """The one sink every recipe ends in: webdataset shards, their parquet index, rejects,
-duplicates, and the build's stats/sizes/manifest documents.
+duplicates, the clip-retrieval embeddings folder (when asked), and the build's documents.
 
-Determinism: a sample's shard is ``stable_hash(key) % num_shards`` where ``num_shards`` is
-derived from the kept count, keys are sorted inside a shard, and tar members carry a fixed
-mtime, uid/gid 0 and empty owner names, so the same input and config give byte-identical
-shards and index files on any runner. Each file is written under a temporary name and renamed,
-so no reader ever sees half a shard.
+Layout of a build folder (``OUTPUT``), for every subset ``S`` the build holds::
+
+    shards/S-NNNNN.tar            {key}.jpg, {key}.txt (the primary caption), {key}.json (the row)
+    index/S-NNNNN.parquet         the shard's rows, in the same order (schemas.SAMPLE_SCHEMA)
+    rejects/S-NNNNN.parquet       reject rows (schemas.REJECT_SCHEMA)
+    duplicates/S-NNNNN.parquet    duplicate rows (schemas.DUPLICATE_SCHEMA)
+    subsets/S/stats.json          the subset's accounting (checked), sizes.json, manifest.json
+    stats.json, sizes.json, manifest.json, shards/sizes.json   merged over every subset present
+
+A build writes the subsets it was given and then merges the top-level documents from every
+``subsets/*/`` folder, so a subset rebuilt alone leaves the others' files, and the merged
+documents, correct. ``stats.json`` is written last: its presence means the build completed.
+
+Determinism: a sample's shard is the rank of ``stable_hash(key) % n`` among the non-empty
+buckets (``n`` derived from the kept count), so shard numbers are contiguous from 0 and a
+``{00000..N}`` brace range names every shard; keys are sorted inside a shard, and tar members
+carry a fixed mtime, uid/gid 0 and empty owner names, so the same input and config give
+byte-identical shards and index files on any runner. Each file is written under a temporary
+name and renamed, so no reader ever sees half a shard. A key that appears twice among the kept
+rows fails the build (webdataset cannot read a tar with two members of one name).
 """
 
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import logging
 import math
 import posixpath
 import tarfile
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import apache_beam as beam
@@ -32,6 +48,15 @@ log = logging.getLogger(__name__)
 
 #: 2000-01-01T00:00:00Z: a fixed, plausible mtime for every tar member
 TAR_MTIME = 946684800
+#: the folders that hold one file set per subset, named ``{subset}-NNNNN.*``
+SUBSET_FOLDERS = ("shards", "index", "rejects", "duplicates")
+#: the build documents: per subset under ``subsets/{subset}/``, merged at the top level
+DOCUMENTS = ("stats.json", "sizes.json", "manifest.json")
+
+
+class AccountingError(RuntimeError):
+    """input != kept + rejected + duplicates, a shard that does not hold what was kept, or a
+    repeated key: some record vanished, was counted twice or would be unreadable."""
 
 
 def join(*parts: str) -> str:
@@ -46,6 +71,19 @@ def write_atomic(path: str, data: bytes) -> None:
     if FileSystems.exists(path):
         FileSystems.delete([path])
     FileSystems.rename([tmp], [path])
+
+
+def read_json(path: str) -> Any:
+    with FileSystems.open(path) as f:
+        return json.loads(f.read())
+
+
+def dump_json(doc: Any) -> bytes:
+    return (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode()
+
+
+def matching(pattern: str) -> list[str]:
+    return sorted(m.path for m in FileSystems.match([pattern])[0].metadata_list)
 
 
 def parquet_bytes(table: pa.Table) -> bytes:
@@ -76,6 +114,11 @@ def sample_json(row: dict[str, Any]) -> bytes:
 def shard_bytes(rows: list[dict[str, Any]]) -> tuple[bytes, pa.Table]:
     """Tar and index table for ``rows`` (each with ``_image`` JPEG bytes), sorted by key."""
     rows = sorted(rows, key=lambda r: r["key"])
+    for a, b in itertools.pairwise(rows):
+        if a["key"] == b["key"]:
+            raise AccountingError(
+                f"key {a['key']} is kept twice ({a.get('source')}/{a.get('source_id')} and "
+                f"{b.get('source')}/{b.get('source_id')}): a source gave two records one key")
     table = schemas.to_table([public(r) for r in rows], schemas.SAMPLE_SCHEMA)
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
@@ -97,21 +140,88 @@ def shard_name(subset: str, index: int) -> str:
     return f"{subset}-{index:05d}"
 
 
+def subset_files(output: str, subset: str) -> list[str]:
+    """Every file of ``subset`` in the build folder ``output`` (for clearing a rebuild)."""
+    found = []
+    for folder in SUBSET_FOLDERS:
+        found += matching(join(output, folder, f"{subset}-*"))
+    found += matching(join(output, "subsets", subset, "*"))
+    return found
+
+
+# ----------------------------------------------------------------------------- writers
+
+
+def _partition(pcoll, label: str, per_file: int):
+    """``(groups, ranks)``: (bucket, rows) groups, rows spread by stable hash of key over
+    ceil(n/per_file) buckets, and {bucket: file number} numbering the non-empty buckets
+    0, 1, 2, ... in bucket order (so file numbers have no gaps)."""
+    count = pcoll | f"{label}Count" >> beam.combiners.Count.Globally()
+    groups = (
+        pcoll
+        | f"{label}Assign"
+        >> beam.Map(
+            lambda r, n: (stable_hash(r["key"]) % num_files(n, per_file), r),
+            n=beam.pvalue.AsSingleton(count),
+        )
+        | f"{label}Group" >> beam.GroupByKey()
+    )
+    ranks = (
+        groups
+        | f"{label}Buckets" >> beam.Map(lambda kv: kv[0])
+        | f"{label}BucketList" >> beam.combiners.ToList()
+        | f"{label}Ranks" >> beam.Map(lambda b: {x: i for i, x in enumerate(sorted(b))})
+    )
+    return groups, ranks
+
+
 class _WriteShard(beam.DoFn):
-    def __init__(self, output: str, subset: str):
+    def __init__(self, output: str, subset: str, embeddings_dir: str | None = None):
         self.output = output
         self.subset = subset
+        self.embeddings_dir = embeddings_dir
 
-    def process(self, item: tuple[int, Iterable[dict]]):
-        index, rows = item
+    def process(self, item: tuple[int, Iterable[dict]], ranks: dict[int, int]):
+        bucket, rows = item
+        index = ranks[bucket]
         name = shard_name(self.subset, index)
         rows = [dict(r, shard=f"{name}.tar") for r in rows]
         tar, table = shard_bytes(rows)
         write_atomic(join(self.output, "shards", f"{name}.tar"), tar)
         write_atomic(join(self.output, "index", f"{name}.parquet"), parquet_bytes(table))
+        embedded = 0
+        if self.embeddings_dir:
+            from pipelines.sinks.embeddings import part_files
+
+            folder = join(self.embeddings_dir, self.subset)
+            for rel, data in part_files(rows, self.subset, index).items():
+                write_atomic(join(folder, *rel.split("/")), data)
+            embedded = len(rows)
         beam.metrics.Metrics.counter("sink", "samples").inc(len(rows))
         log.info("wrote shard %s (%d samples, %.1f MB)", name, len(rows), len(tar) / 1e6)
-        yield f"{name}.tar", len(rows)
+        yield f"{name}.tar", len(rows), embedded
+
+
+class WriteShards(beam.PTransform):
+    """Kept records of one subset → ``shards/{subset}-NNNNN.tar`` + ``index/...parquet``
+    (+ the part of the embeddings folder with the same rows, when ``embeddings_dir`` is set).
+
+    Output: (shard file name, samples, embedding rows) per shard written.
+    """
+
+    def __init__(self, output: str, subset: str, samples_per_shard: int = 10_000,
+                 embeddings_dir: str | None = None):
+        super().__init__()
+        self.output = output
+        self.subset = subset
+        self.samples_per_shard = samples_per_shard
+        self.embeddings_dir = embeddings_dir
+
+    def expand(self, records):
+        groups, ranks = _partition(records, "Shard", self.samples_per_shard)
+        return groups | "Write" >> beam.ParDo(
+            _WriteShard(self.output, self.subset, self.embeddings_dir),
+            ranks=beam.pvalue.AsSingleton(ranks))
 
 
 class _WriteTable(beam.DoFn):
@@ -121,45 +231,14 @@ class _WriteTable(beam.DoFn):
         self.subset = subset
         self.schema = schema
 
-    def process(self, item: tuple[int, Iterable[dict]]):
-        index, rows = item
-        rows = sorted(rows, key=lambda r: (r["key"], r.get("stage") or ""))
+    def process(self, item: tuple[int, Iterable[dict]], ranks: dict[int, int]):
+        bucket, rows = item
+        rows = sorted(rows, key=lambda r: (r["key"], r.get("stage") or "",
+                                           r.get("reason") or r.get("method") or ""))
         table = schemas.to_table(rows, self.schema)
-        name = f"{shard_name(self.subset, index)}.parquet"
+        name = f"{shard_name(self.subset, ranks[bucket])}.parquet"
         write_atomic(join(self.output, self.folder, name), parquet_bytes(table))
         yield name, len(rows)
-
-
-def _partition(pcoll, label: str, per_file: int):
-    """(file index, rows) groups: rows spread by stable hash of key over ceil(n/per_file)."""
-    count = pcoll | f"{label}Count" >> beam.combiners.Count.Globally()
-    return (
-        pcoll
-        | f"{label}Assign"
-        >> beam.Map(
-            lambda r, n: (stable_hash(r["key"]) % num_files(n, per_file), r),
-            n=beam.pvalue.AsSingleton(count),
-        )
-        | f"{label}Group" >> beam.GroupByKey()
-    )
-
-
-class WriteShards(beam.PTransform):
-    """Kept records → ``shards/{subset}-NNNNN.tar`` + ``index/{subset}-NNNNN.parquet``.
-
-    Output: (shard file name, sample count) per shard written.
-    """
-
-    def __init__(self, output: str, subset: str, samples_per_shard: int = 10_000):
-        super().__init__()
-        self.output = output
-        self.subset = subset
-        self.samples_per_shard = samples_per_shard
-
-    def expand(self, records):
-        return _partition(records, "Shard", self.samples_per_shard) | "Write" >> beam.ParDo(
-            _WriteShard(self.output, self.subset)
-        )
 
 
 class WriteTable(beam.PTransform):
@@ -175,16 +254,21 @@ class WriteTable(beam.PTransform):
         self.rows_per_file = rows_per_file
 
     def expand(self, rows):
-        return _partition(rows, "Part", self.rows_per_file) | "Write" >> beam.ParDo(
-            _WriteTable(self.output, self.folder, self.subset, self.schema)
-        )
+        groups, ranks = _partition(rows, "Part", self.rows_per_file)
+        return groups | "Write" >> beam.ParDo(
+            _WriteTable(self.output, self.folder, self.subset, self.schema),
+            ranks=beam.pvalue.AsSingleton(ranks))
 
 
-# ------------------------------------------------------------------------- stats
+# ----------------------------------------------------------------------------- stats
 
 
-class AccountingError(RuntimeError):
-    """input != kept + rejected + duplicates: some record vanished or was counted twice."""
+def _check_stats(doc: dict[str, Any]) -> None:
+    """Validate ``doc`` against the contract (raises on a wrong type or a missing field)."""
+    pa.Table.from_pylist(
+        [dict(doc, input_by_source=list(doc["input_by_source"].items()))],
+        schema=schemas.STATS_SCHEMA,
+    )
 
 
 def build_stats(
@@ -197,40 +281,44 @@ def build_stats(
     duplicates: dict[tuple[str, str, str], int],
     shards: int,
 ) -> dict[str, Any]:
-    """The ``stats.json`` document (schemas.STATS_SCHEMA); raises AccountingError if the
+    """One subset's ``stats.json`` (schemas.STATS_SCHEMA); raises AccountingError if the
     invariant ``input == kept + rejected + duplicates`` does not hold, overall or per source."""
     counts = (
         [
-            {"source": s, "stage": "sink", "outcome": "kept", "reason": None, "count": n}
+            {"subset": subset, "source": s, "stage": "sink", "outcome": "kept", "reason": None,
+             "count": n}
             for s, n in kept.items()
         ]
         + [
-            {"source": s, "stage": st, "outcome": "rejected", "reason": r, "count": n}
+            {"subset": subset, "source": s, "stage": st, "outcome": "rejected", "reason": r,
+             "count": n}
             for (s, st, r), n in rejected.items()
         ]
         + [
-            {"source": s, "stage": st, "outcome": "duplicate", "reason": m, "count": n}
+            {"subset": subset, "source": s, "stage": st, "outcome": "duplicate", "reason": m,
+             "count": n}
             for (s, st, m), n in duplicates.items()
         ]
     )
     counts.sort(key=lambda c: (c["source"], c["outcome"], c["stage"], c["reason"] or ""))
-    doc = {
-        "schema_version": schemas.SCHEMA_VERSION,
-        "recipe": recipe,
-        "subset": subset,
+    totals = {
         "input": sum(input_by_source.values()),
         "kept": sum(kept.values()),
         "rejected": sum(rejected.values()),
         "duplicates": sum(duplicates.values()),
         "shards": shards,
+    }
+    doc = {
+        "schema_version": schemas.SCHEMA_VERSION,
+        "recipe": recipe,
+        "subset": subset,
+        "subsets": [subset],
+        **totals,
         "input_by_source": dict(sorted(input_by_source.items())),
+        "by_subset": [{"subset": subset, "recipe": recipe, **totals}],
         "counts": counts,
     }
-    # validate against the contract (raises on a wrong type or a missing field)
-    pa.Table.from_pylist(
-        [dict(doc, input_by_source=list(doc["input_by_source"].items()))],
-        schema=schemas.STATS_SCHEMA,
-    )
+    _check_stats(doc)
     problems = []
     for source in sorted(set(input_by_source) | {c["source"] for c in counts}):
         out = sum(c["count"] for c in counts if c["source"] == source)
@@ -238,9 +326,39 @@ def build_stats(
             problems.append(f"{source}: input {input_by_source.get(source, 0)} != outputs {out}")
     if doc["input"] != doc["kept"] + doc["rejected"] + doc["duplicates"] or problems:
         raise AccountingError(
-            f"accounting invariant broken: input {doc['input']} != kept {doc['kept']} + "
-            f"rejected {doc['rejected']} + duplicates {doc['duplicates']}; " + "; ".join(problems)
+            f"accounting invariant broken in subset {subset}: input {doc['input']} != kept "
+            f"{doc['kept']} + rejected {doc['rejected']} + duplicates {doc['duplicates']}; "
+            + "; ".join(problems)
         )
+    return doc
+
+
+def merge_stats(recipe: str, docs: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The top-level ``stats.json`` from per-subset ones; the invariant is checked again,
+    overall and per subset."""
+    docs = sorted(docs, key=lambda d: d["subset"])
+    by_source: dict[str, int] = {}
+    for d in docs:
+        schemas.check_doc_version(d, f"subsets/{d['subset']}/stats.json")
+        for s, n in d["input_by_source"].items():
+            by_source[s] = by_source.get(s, 0) + n
+    totals = {k: sum(d[k] for d in docs) for k in ("input", "kept", "rejected", "duplicates",
+                                                    "shards")}
+    doc = {
+        "schema_version": schemas.SCHEMA_VERSION,
+        "recipe": recipe,
+        "subset": None,
+        "subsets": [d["subset"] for d in docs],
+        **totals,
+        "input_by_source": dict(sorted(by_source.items())),
+        "by_subset": [row for d in docs for row in d["by_subset"]],
+        "counts": [c for d in docs for c in d["counts"]],
+    }
+    _check_stats(doc)
+    bad = [d["subset"] for d in docs
+           if d["input"] != d["kept"] + d["rejected"] + d["duplicates"]]
+    if bad or doc["input"] != doc["kept"] + doc["rejected"] + doc["duplicates"]:
+        raise AccountingError(f"accounting invariant broken in the merged stats: {bad}")
     return doc
 
 
@@ -253,29 +371,28 @@ def _count_by(pcoll, label: str, key_fn):
     )
 
 
-class WriteBuild(beam.PTransform):
-    """Writes everything of a build and checks the accounting before declaring success.
+class WriteSubset(beam.PTransform):
+    """One subset's records → its shards, index, rejects, duplicates (and embeddings parts),
+    then ``subsets/{subset}/`` stats, sizes and manifest once the accounting holds.
 
-    Input: a dict ``{"inputs": records as read, "kept": ..., "rejects": ..., "duplicates":
-    ...}`` and, when an embeddings folder is written, ``"embeddings"``: the (part, rows) that
-    ``WriteEmbeddings`` outputs. Writes shards, index, rejects, duplicates, then
-    ``stats.json``, ``sizes.json`` (top level and beside the shards, where open_clip looks)
-    and ``manifest.json``. These come after every other file, the embeddings parts included,
-    and only when the embeddings hold exactly the kept rows.
+    Input: a dict ``{"inputs", "kept", "rejects", "duplicates"}`` of this subset's records.
+    Output: a PCollection of one element, the subset's stats document.
     """
 
     def __init__(self, output: str, recipe: str, subset: str, manifest: dict[str, Any],
-                 samples_per_shard: int = 10_000):
+                 samples_per_shard: int = 10_000, embeddings_dir: str | None = None):
         super().__init__()
         self.output = output
         self.recipe = recipe
         self.subset = subset
         self.manifest = manifest
         self.samples_per_shard = samples_per_shard
+        self.embeddings_dir = embeddings_dir
 
     def expand(self, pcolls):
         kept = pcolls["kept"]
-        shards = kept | "Shards" >> WriteShards(self.output, self.subset, self.samples_per_shard)
+        shards = kept | "Shards" >> WriteShards(self.output, self.subset, self.samples_per_shard,
+                                                self.embeddings_dir)
         rej_files = pcolls["rejects"] | "Rejects" >> WriteTable(
             self.output, "rejects", self.subset, schemas.REJECT_SCHEMA
         )
@@ -298,10 +415,8 @@ class WriteBuild(beam.PTransform):
                 | "FileList" >> beam.combiners.ToList()
             ),
         }
-        if pcolls.get("embeddings") is not None:
-            side["embeddings"] = pcolls["embeddings"] | "EmbParts" >> beam.combiners.ToList()
         return (
-            pcolls["inputs"].pipeline
+            kept.pipeline
             | "Once" >> beam.Create([None])
             | "Finish"
             >> beam.Map(
@@ -309,7 +424,7 @@ class WriteBuild(beam.PTransform):
             )
         )
 
-    def _finish(self, _, inputs, kept, rejected, dups, shards, files, embeddings=None):
+    def _finish(self, _, inputs, kept, rejected, dups, shards, files):
         stats = build_stats(
             recipe=self.recipe,
             subset=self.subset,
@@ -319,26 +434,132 @@ class WriteBuild(beam.PTransform):
             duplicates=dict(dups),
             shards=len(shards),
         )
-        sizes = dict(sorted(shards))
+        sizes = {name: n for name, n, _ in sorted(shards)}
         if sum(sizes.values()) != stats["kept"]:
             # what the shard writers wrote, against what reached the sink: a runner that
             # drops elements inside a GroupByKey would otherwise pass the count check
             raise AccountingError(
-                f"shards hold {sum(sizes.values())} samples but {stats['kept']} were kept"
+                f"{self.subset}: shards hold {sum(sizes.values())} samples but "
+                f"{stats['kept']} were kept"
             )
         extra = {}
-        if embeddings is not None:
-            rows = sum(n for _, n in embeddings)
+        if self.embeddings_dir:
+            rows = sum(e for _, _, e in shards)
             if rows != stats["kept"]:
                 raise AccountingError(
-                    f"the embeddings folder holds {rows} rows but {stats['kept']} were kept")
-            extra["embedding_parts"] = len(embeddings)
-        dump = lambda d: (json.dumps(d, indent=2, sort_keys=True) + "\n").encode()  # noqa: E731
-        write_atomic(join(self.output, "shards", "sizes.json"), dump(sizes))
-        write_atomic(join(self.output, "sizes.json"), dump(sizes))
-        manifest = dict(self.manifest, shards=sorted(sizes), tables=sorted(n for n, _ in files),
-                        **extra)
-        write_atomic(join(self.output, "manifest.json"), dump(manifest))
-        # stats.json last: its presence means the build completed and its accounting held
-        write_atomic(join(self.output, "stats.json"), dump(stats))
+                    f"{self.subset}: the embeddings folder holds {rows} rows but "
+                    f"{stats['kept']} were kept")
+            extra["embedding_parts"] = len(shards)
+        folder = join(self.output, "subsets", self.subset)
+        manifest = dict(self.manifest, subset=self.subset, shards=sorted(sizes),
+                        tables=sorted(n for n, _ in files), **extra)
+        write_atomic(join(folder, "sizes.json"), dump_json(sizes))
+        write_atomic(join(folder, "manifest.json"), dump_json(manifest))
+        # stats.json last: its presence means this subset completed and its accounting held
+        write_atomic(join(folder, "stats.json"), dump_json(stats))
         return stats
+
+
+def merge_documents(output: str, recipe: str, manifest: dict[str, Any],
+                    fresh: Sequence[dict[str, Any]] = ()) -> dict[str, Any]:
+    """Write the top-level ``sizes.json`` (and ``shards/sizes.json``, where open_clip looks),
+    ``manifest.json`` and, last, ``stats.json`` merged from every ``subsets/*/`` folder of
+    ``output``; ``fresh``: stats documents of this build's subsets (checked against disk)."""
+    subsets = sorted({p.rstrip("/").split("/")[-2]
+                      for p in matching(join(output, "subsets", "*", "stats.json"))})
+    docs, sizes, manifests = [], {}, {}
+    for s in subsets:
+        folder = join(output, "subsets", s)
+        docs.append(read_json(join(folder, "stats.json")))
+        sizes.update(read_json(join(folder, "sizes.json")))
+        manifests[s] = read_json(join(folder, "manifest.json"))
+    missing = sorted({d["subset"] for d in fresh} - set(subsets))
+    if missing:
+        raise AccountingError(f"subsets {missing} finished but their stats.json is not in "
+                              f"{output}/subsets")
+    stats = merge_stats(recipe, docs)
+    if sum(sizes.values()) != stats["kept"]:
+        raise AccountingError(f"shards hold {sum(sizes.values())} samples but the subsets "
+                              f"kept {stats['kept']}")
+    sizes = dict(sorted(sizes.items()))
+    merged = dict(manifest, subsets=manifests, shards=sorted(sizes),
+                  tables=sorted(t for m in manifests.values() for t in m.get("tables", [])))
+    merged.pop("subset", None)
+    write_atomic(join(output, "shards", "sizes.json"), dump_json(sizes))
+    write_atomic(join(output, "sizes.json"), dump_json(sizes))
+    write_atomic(join(output, "manifest.json"), dump_json(merged))
+    # stats.json last: its presence means the build completed and its accounting held
+    write_atomic(join(output, "stats.json"), dump_json(stats))
+    return stats
+
+
+class WriteBuild(beam.PTransform):
+    """Writes everything of a build and checks the accounting before declaring success.
+
+    Input: a dict ``{"inputs": records as read, "kept": ..., "rejects": ..., "duplicates":
+    ...}`` holding rows of the ``subsets`` named (a row of any other subset fails the build).
+    Each subset is written by :class:`WriteSubset`; then the top-level documents are merged
+    from every subset in ``output`` (:func:`merge_documents`). Output: the merged stats.
+    """
+
+    def __init__(self, output: str, recipe: str, subsets: Sequence[str] | str,
+                 manifest: dict[str, Any], samples_per_shard: int = 10_000,
+                 embeddings_dir: str | None = None):
+        super().__init__()
+        self.output = output
+        self.recipe = recipe
+        self.subsets = [subsets] if isinstance(subsets, str) else list(subsets)
+        if not self.subsets or len(set(self.subsets)) != len(self.subsets):
+            raise ValueError(f"subsets must be distinct and not empty: {self.subsets}")
+        self.manifest = manifest
+        self.samples_per_shard = samples_per_shard
+        self.embeddings_dir = embeddings_dir
+
+    def _which(self, row: dict[str, Any], _n: int) -> int:
+        try:
+            return self.subsets.index(row["subset"])
+        except ValueError:
+            raise AccountingError(
+                f"a row of subset {row.get('subset')!r} reached a sink that writes only "
+                f"{self.subsets} (key {row.get('key')})") from None
+
+    def expand(self, pcolls):
+        n = len(self.subsets)
+        parts = {name: pcolls[name] | f"BySubset[{name}]" >> beam.Partition(self._which, n)
+                 for name in ("inputs", "kept", "rejects", "duplicates")}
+        docs = []
+        for i, subset in enumerate(self.subsets):
+            docs.append(
+                {name: parts[name][i] for name in parts}
+                | f"Subset[{subset}]" >> WriteSubset(
+                    self.output, self.recipe, subset, self.manifest, self.samples_per_shard,
+                    self.embeddings_dir)
+            )
+        fresh = docs | "SubsetDocs" >> beam.Flatten() | "AllSubsets" >> beam.combiners.ToList()
+        return (
+            pcolls["inputs"].pipeline
+            | "MergeOnce" >> beam.Create([None])
+            | "Merge" >> beam.Map(
+                lambda _, done: merge_documents(self.output, self.recipe, self.manifest, done),
+                done=beam.pvalue.AsSingleton(fresh))
+        )
+
+
+def clear_previous(output: str, subsets: Sequence[str], embeddings_dir: str | None = None
+                   ) -> list[str]:
+    """Remove the files of an earlier build of these subsets, and the merged documents (the
+    build writes them anew), so no file survives as stale: a killed rebuild leaves a folder
+    without ``stats.json``, which the trainer refuses. Other subsets' files stay."""
+    found = []
+    for s in subsets:
+        found += subset_files(output, s)
+        if embeddings_dir:
+            from pipelines.sinks.embeddings import subset_parts
+
+            found += subset_parts(embeddings_dir, s)
+    for name in DOCUMENTS:
+        found += matching(join(output, name))
+    found += matching(join(output, "shards", "sizes.json"))
+    if found:
+        FileSystems.delete(found)
+    return found

@@ -22,7 +22,8 @@ RS5M scale that is ~1M edges, a few hundred MB), and each component keeps one su
 
 **Survivor rule** (deterministic, documented in the README): the member with the most
 original pixels wins (the least downscaled or cropped copy), then the most original bytes
-(the least recompressed copy), then the smallest key. Every other member becomes a
+(the least recompressed copy), then the smallest key. When several subsets are built together
+the subset's priority (``_subset_rank``, set by ``pipelines.recipes.kit``) comes first. Every other member becomes a
 ``duplicates/`` row pointing at the survivor, with ``method`` ``sha256`` when its bytes equal
 the survivor's, ``phash`` when the full hashes are within ``max_hamming`` bits, ``phash_crop``
 when only a crop hash is, and ``similarity`` = 1 - hamming/64 (1 for sha256).
@@ -60,7 +61,7 @@ def normalise_url(url: str) -> str:
 class Node(NamedTuple):
     """What dedup needs of a record; ordering by ``rank`` gives the survivor first."""
 
-    rank: tuple[int, int, str]
+    rank: tuple[int, int, int, str]
     key: str
     sha256: str
     phash: int
@@ -70,7 +71,9 @@ class Node(NamedTuple):
 def node_of(record: dict[str, Any], crops: bool = True) -> Node:
     pixels = int(record.get("original_width") or 0) * int(record.get("original_height") or 0)
     nbytes = int(record.get("_original_bytes") or 0)
-    return Node((-pixels, -nbytes, record["key"]), record["key"], record["sha256"],
+    # across subsets built together, the subset's priority comes first (recipes.kit)
+    subset_rank = int(record.get("_subset_rank") or 0)
+    return Node((subset_rank, -pixels, -nbytes, record["key"]), record["key"], record["sha256"],
                 int(record["phash"], 16),
                 tuple(split_hashes(record.get("_phash_crops"))) if crops else ())
 

@@ -22,7 +22,8 @@ that guarantee for speed and measure ≥ 0.99 recall against exact search, ``mak
 
 **Decision.** Pairs with cosine ≥ 1 − ε become edges; edges become connected components (a
 global union-find over edges only, like the pHash stage). **Survivor rule:** the member with
-the highest ``clip_score`` (the caption that fits its image best), then the smallest key.
+the highest ``clip_score`` (the caption that fits its image best), then the smallest key;
+across subsets built together, the subset's priority first (``pipelines.recipes.kit``).
 Every other member is a ``duplicates/`` row, ``method=semantic``, ``duplicate_of`` = the
 survivor, ``similarity`` = its cosine to the survivor when they are linked directly (the usual
 star of near-copies), else the strongest cosine that linked it into the component.
@@ -227,8 +228,9 @@ def semdedup_arrays(emb: np.ndarray, cfg: SemDedupConfig, scores: np.ndarray | N
 # ----------------------------------------------------------------------------- Beam
 
 
-def _rank(score: float | None, key: str) -> tuple[float, str]:
-    return (-(score if score is not None else -math.inf), key)
+def _rank(score: float | None, key: str, subset_rank: int = 0) -> tuple[int, float, str]:
+    """Survivor order: the subset's priority (``recipes.kit``), then clip_score, then key."""
+    return (subset_rank, -(score if score is not None else -math.inf), key)
 
 
 def _cluster_edges_fn(item, threshold: float, block: int):
@@ -293,7 +295,7 @@ class SemanticDedup(beam.PTransform):
 
         def to_clusters(r, cents):
             e = normalise(np.asarray(r[field], np.float32))
-            rank = _rank(r.get("clip_score"), r["key"])
+            rank = _rank(r.get("clip_score"), r["key"], int(r.get("_subset_rank") or 0))
             targets = [(0, True)] if cents is None else assign_one(e, cents, cfg)
             for c, is_home in targets:
                 yield c, (r["key"], rank, e, is_home)
