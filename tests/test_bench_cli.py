@@ -13,8 +13,8 @@ import torch
 
 from pipelines.demo import benchmarks
 from pipelines.demo.tiny_models import build_tiny_clip
-from trainer.bench import BenchModel, ModelSpec, resolve_checkpoint
 from trainer.bench.__main__ import main, model_specs
+from trainer.bench.models import BenchModel, ModelSpec, resolve_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -192,10 +192,23 @@ def test_selo_end_to_end_on_a_synthetic_scene(world, tmp_path):
 def test_selo_scenes_do_not_unguard_pil_for_everyone_else(tmp_path):
     from PIL import Image
 
-    from trainer.bench import _open_large
+    from trainer.bench.evaluate import _open_large
 
     before = Image.MAX_IMAGE_PIXELS
     Image.new("RGB", (64, 48)).save(tmp_path / "scene.png")
     with _open_large(str(tmp_path / "scene.png")) as im:
         assert im.size == (64, 48)
     assert Image.MAX_IMAGE_PIXELS == before and before is not None
+
+
+def test_benchmark_images_are_opened_with_the_format_allow_list(world, tmp_path):
+    """A benchmark folder is input too: a TGA named .jpg is refused, not decoded."""
+    from PIL import Image
+
+    from pipelines.image_guard import ImageRefused
+
+    fake = tmp_path / "x.jpg"
+    Image.new("RGB", (16, 16)).save(fake, "TGA")
+    model = BenchModel(ModelSpec("t", str(world["tiny"])))
+    with pytest.raises(ImageRefused):
+        model.embed_images([fake])

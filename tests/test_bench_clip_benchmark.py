@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from pipelines.demo import scenes
-from trainer.bench import BenchModel, ModelSpec
 from trainer.bench import protocols as P
+from trainer.bench.models import BenchModel, ModelSpec
 from trainer.bench.registry import fill_template, normalise_classname, prompt_templates
 
 cb_zs = pytest.importorskip("clip_benchmark.metrics.zeroshot_classification")

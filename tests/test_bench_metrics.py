@@ -9,8 +9,8 @@ import math
 import numpy as np
 import pytest
 
-from trainer.bench import FeatureCache, report
 from trainer.bench import protocols as P
+from trainer.bench import report
 from trainer.bench.datasets import (
     guess_task,
     load_classification,
@@ -18,6 +18,7 @@ from trainer.bench.datasets import (
     load_retrieval,
     load_selo,
 )
+from trainer.bench.models import FeatureCache
 from trainer.bench.registry import (
     KNOWN,
     fill_template,

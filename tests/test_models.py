@@ -314,3 +314,89 @@ def test_rs_scores_do_not_depend_on_batch_company(tiny_clip, probe_path):
     for a, t in zip(alone, together, strict=True):
         assert a.score == t.inference.score
         assert np.array_equal(a.embedding, t.inference.embedding)
+
+
+# ---- weights on a Beam filesystem; configs that name a hub --------------------------------
+def _stub_filesystem(root):
+    """A Beam FileSystem where ``stubfs://x`` is ``root/x`` on disk: the loader sees a remote
+    filesystem (as gs:// on Dataflow) while the test needs no network."""
+    from apache_beam.io.filesystem import FileMetadata
+    from apache_beam.io.localfilesystem import LocalFileSystem
+
+    prefix = "stubfs://"
+
+    class StubFileSystem(LocalFileSystem):
+        @classmethod
+        def scheme(cls):
+            return "stubfs"
+
+        def _local(self, path):  # the base class calls back with local paths too
+            return os.path.join(root, path[len(prefix):]) if path.startswith(prefix) else path
+
+        def join(self, basepath, *paths):
+            return "/".join([basepath.rstrip("/"), *paths])
+
+        def _list(self, dir_or_prefix):
+            for m in super()._list(self._local(dir_or_prefix)):
+                rel = os.path.relpath(m.path, root)
+                yield FileMetadata(prefix + rel, m.size_in_bytes, m.last_updated_in_seconds)
+
+        def open(self, path, *a, **kw):
+            return super().open(self._local(path), *a, **kw)
+
+        def exists(self, path):
+            return super().exists(self._local(path))
+
+        def size(self, path):
+            return super().size(self._local(path))
+
+        def last_updated(self, path):
+            return super().last_updated(self._local(path))
+
+        def metadata(self, path):
+            m = super().metadata(self._local(path))
+            return FileMetadata(path, m.size_in_bytes, m.last_updated_in_seconds)
+
+    return StubFileSystem
+
+
+def test_model_directory_on_a_beam_filesystem_loads(tiny_clip, tmp_path, monkeypatch, held_out):
+    """A model directory and a checkpoint on a FileSystems path other than local disk (as
+    gs:// on Dataflow) are copied once to local disk and load like the local originals."""
+    import shutil
+
+    from pipelines.models import open_clip_loader as loader
+
+    bucket = tmp_path / "bucket"
+    shutil.copytree(tiny_clip, bucket / "models" / "tiny-clip")
+    fs = _stub_filesystem(str(bucket))  # noqa: F841 — defining it registers the scheme
+    monkeypatch.setenv(loader.CACHE_ENV, str(tmp_path / "cache"))
+    images = held_out[0][:3]
+    ref = encode_images(*load_open_clip(tiny_clip)[:2], images)
+    net, pre, _ = load_open_clip("stubfs://models/tiny-clip")
+    np.testing.assert_array_equal(encode_images(net, pre, images), ref)
+    copies = sorted(p.name for p in (tmp_path / "cache").iterdir())
+    assert len(copies) == 1 and copies[0].endswith("tiny-clip")
+    load_open_clip("stubfs://models/tiny-clip")  # the second load reuses the copy
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == copies
+    # a checkpoint file on the filesystem, with the architecture by name
+    net2, pre2, _ = load_open_clip(TINY_ARCH, f"stubfs://models/tiny-clip/{WEIGHTS_NAME}")
+    np.testing.assert_array_equal(encode_images(net2, pre2, images), ref)
+    with pytest.raises(FileNotFoundError):
+        load_open_clip("stubfs://models/nothing-here")
+
+
+def test_a_model_config_that_names_a_hub_model_is_refused(tiny_clip, tmp_path):
+    """open_clip would download an HF text tower (AutoConfig.from_pretrained) or tokenizer
+    named in the config, whatever pretrained_text says: refuse before it tries."""
+    import shutil
+
+    bad = tmp_path / "hub-text"
+    shutil.copytree(tiny_clip, bad)
+    cfg = json.loads((bad / CONFIG_NAME).read_text())
+    cfg["model_cfg"]["text_cfg"]["hf_model_name"] = "some-org/some-text-tower"
+    (bad / CONFIG_NAME).write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="hf_model_name"):
+        load_open_clip(str(bad))
+    with pytest.raises(ValueError, match="SigLIP"):
+        load_open_clip("ViT-B-16-SigLIP")

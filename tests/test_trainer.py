@@ -35,8 +35,12 @@ def _jpeg(colour: tuple[int, int, int], seed: int) -> bytes:
 
 def write_shards(root: Path, layout: dict[str, list[int]], corrupt: bool = True,
                  long_caption: bool = True) -> Path:
-    """``root/shards/{subset}-{i:05d}.tar`` with ``layout[subset][i]`` samples each + sizes.json."""
+    """A build folder as the sink writes one: ``root/shards/{subset}-{i:05d}.tar`` with
+    ``layout[subset][i]`` samples each (three captions per sample in ``{key}.json``), sizes.json
+    and a stats.json (its presence says the build completed)."""
     import webdataset as wds
+
+    import schemas
 
     shards = root / "shards"
     shards.mkdir(parents=True, exist_ok=True)
@@ -55,11 +59,15 @@ def write_shards(root: Path, layout: dict[str, list[int]], corrupt: bool = True,
                         img = b"\xff\xd8\xff not a jpeg"
                     if long_caption and i == 0 and j == 2 and subset == next(iter(layout)):
                         text = LONG_CAPTION
+                    captions = [text, f"an aerial photo of a {cname} field",
+                                f"a {cname} field seen from above"]
                     tw.write({"__key__": key, "jpg": img, "txt": text,
-                              "json": {"key": key, "subset": subset}})
+                              "json": {"key": key, "subset": subset, "captions": captions}})
                     n += 1
             sizes[name] = count
     (shards / "sizes.json").write_text(json.dumps(sizes))
+    (root / "stats.json").write_text(json.dumps({"schema_version": schemas.SCHEMA_VERSION,
+                                                 "kept": sum(sizes.values())}))
     return root
 
 
@@ -81,7 +89,8 @@ def _tokenizer():
     return open_clip.get_tokenizer("RS-Tiny-ViT")
 
 
-def _stream(corpus, rank=0, world=1, batch=4, seed=0, start=None, mix=None, log_keys=True):
+def _stream(corpus, rank=0, world=1, batch=4, seed=0, start=None, mix=None, log_keys=True,
+            caption_choice="first"):
     from pipelines.models.open_clip_loader import register_configs
     from trainer.augment import RSAugment
     from trainer.data import ShardBatches, StreamConfig, expand_urls
@@ -89,7 +98,8 @@ def _stream(corpus, rank=0, world=1, batch=4, seed=0, start=None, mix=None, log_
     register_configs()
     cfg = StreamConfig(urls=expand_urls(str(corpus)), batch_size=batch, seed=seed, rank=rank,
                        world_size=world, mix=mix, shuffle_buffer=16,
-                       start_positions=start or {}, log_keys=log_keys)
+                       start_positions=start or {}, log_keys=log_keys,
+                       caption_choice=caption_choice)
     aug = RSAugment(32, [0.5] * 3, [0.25] * 3)
     return iter(ShardBatches(cfg, aug, _tokenizer()))
 
@@ -116,6 +126,72 @@ def test_expand_urls_subsets_and_mix(corpus):
     assert p0.modulo["rs3"] == (0, 2) and p1.modulo["rs3"] == (1, 2)
     with pytest.raises(ValueError):
         plan_shards(urls, {"nope": 1.0}, 0, 1)
+
+
+def test_a_build_folder_must_have_completed(corpus, tmp_path):
+    """A killed or failed build leaves no stats.json (the sink writes it last, and a rebuild
+    removes it first): its shards may not match its sizes, so the trainer refuses it."""
+    import shutil
+
+    import schemas
+    from trainer.data import expand_urls
+
+    killed = tmp_path / "killed"
+    shutil.copytree(corpus, killed)
+    (killed / "stats.json").unlink()
+    with pytest.raises(FileNotFoundError, match="no stats.json: its build did not complete"):
+        expand_urls(str(killed))
+    old = tmp_path / "old"
+    shutil.copytree(corpus, old)
+    (old / "stats.json").write_text(json.dumps({"schema_version": "0.9"}))
+    with pytest.raises(ValueError, match="schema version"):
+        expand_urls(str(old))
+    assert schemas.SCHEMA_VERSION.split(".")[0] != "0"
+
+
+@pytest.mark.parametrize("spec", ["nowhere/out/rs5m", "nowhere/shards/x-{00000..00002}.tar",
+                                  "nowhere/*.tar"])
+def test_data_that_names_nothing_says_what_to_run(spec, tmp_path, monkeypatch):
+    from trainer.data import expand_urls
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match="make build-rs5m"):
+        expand_urls(spec)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no shards in empty"):
+        expand_urls("empty")
+
+
+def test_random_caption_choice_uses_every_caption_and_resumes_exactly(corpus):
+    """Any three visits of a sample train on its three captions; a resumed stream picks the
+    same caption at every position as the uninterrupted one."""
+    from trainer.data import choose_caption, expand_urls, plan_shards, raw_stream
+
+    urls = expand_urls(str(corpus))
+    plan = plan_shards(urls, None, 0, 1)
+    seen: dict[str, list[str]] = {}
+    for _, sample in zip(range(64 * 6), raw_stream(plan, seed=7, g=0), strict=False):
+        seen.setdefault(sample["__key__"], []).append(choose_caption(sample, "random", seed=7))
+        assert choose_caption(sample, "first") == sample["txt"].decode()
+    captions = {s["__key__"]: json.loads(s["json"])["captions"]
+                for _, s in zip(range(64 * 6), raw_stream(plan, 7, 0), strict=False)}
+    visited = {k: v for k, v in seen.items() if len(v) >= 3}
+    assert len(visited) > 20
+    for k, chosen in visited.items():
+        for i in range(len(chosen) - 2):  # any three visits in a row use all three captions
+            assert sorted(chosen[i:i + 3]) == sorted(captions[k]), (k, chosen)
+    # another seed starts samples on other captions
+    firsts = list(zip(range(64), raw_stream(plan, 7, 0), strict=False))
+    assert [choose_caption(s, "random", seed=8) for _, s in firsts] != \
+        [choose_caption(s, "random", seed=7) for _, s in firsts]
+    # tokens of a resumed stream (fast-forwarded) equal the uninterrupted stream's
+    a = _stream(corpus, seed=3, caption_choice="random")
+    first = [next(a) for _ in range(8)]
+    b = _stream(corpus, seed=3, caption_choice="random", start={0: first[4]["next_position"]})
+    rest = [next(b) for _ in range(3)]
+    assert all(torch.equal(x["text"], y["text"]) for x, y in zip(rest, first[5:], strict=True))
+    plain = _stream(corpus, seed=3)
+    assert any(not torch.equal(x["text"], next(plain)["text"]) for x in first)
 
 
 def test_mix_weights_select_subsets(corpus):
@@ -307,3 +383,20 @@ def test_atomic_save_leaves_no_temp_files(tmp_path):
     assert resolve_resume("latest", str(tmp_path)) == latest
     assert resolve_resume("latest", str(tmp_path / "nothing")) is None
     assert [p for p in os.listdir(tmp_path) if p.endswith(".tmp")] == []
+
+
+def test_shard_images_are_opened_with_the_format_allow_list():
+    """The trainer decodes shard images through the pipelines' guard: a TGA or ICO member (a
+    hostile or foreign shard) is a skipped, counted sample, never decoded."""
+    from pipelines.image_guard import ImageRefused
+    from trainer.data import _decode
+
+    ok = io.BytesIO()
+    Image.new("RGB", (16, 16), (1, 2, 3)).save(ok, "JPEG")
+    img, text = _decode({"__key__": "k", "jpg": ok.getvalue(), "txt": b"a field"})
+    assert img.size == (16, 16) and text == "a field"
+    for fmt in ("TGA", "ICO"):
+        buf = io.BytesIO()
+        Image.new("RGB", (16, 16)).save(buf, fmt)
+        with pytest.raises(ImageRefused, match="not_an_image|one of"):
+            _decode({"__key__": "k", "jpg": buf.getvalue(), "txt": b"x"})

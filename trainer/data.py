@@ -32,12 +32,24 @@ different world size or worker count starts fresh streams (logged) rather than g
 
 Captions longer than the text encoder's context are counted with the model's own tokenizer
 *before* truncation (``n_over_context`` / ``n_captions`` per batch; the trainer reports them).
+
+**Several captions per sample.** ``{key}.txt`` is the primary caption (what open_clip's own
+trainer reads); ``{key}.json`` holds every candidate in ``captions``. With
+``caption_choice="random"`` the k-th visit of a sample trains on caption ``(h(seed, key) + k)
+mod n``: a random start per sample, then the next caption at each visit, so any ``n`` visits
+use every caption. A sample's visit count is how many times its worker has drawn its shard
+(counted in the stream itself), so the choice is a function of (seed, key, stream position)
+and a resumed run, which replays the stream up to where it stopped, draws the same captions.
+``"first"`` (the default) trains on ``{key}.txt``.
+
+**Build folders.** A build output folder (``shards/`` beside ``stats.json``) is read only when
+its ``stats.json`` exists and has our schema's major version: a build that failed or was
+killed leaves no ``stats.json``, and its shards may not match its sizes.
 """
 
 from __future__ import annotations
 
 import glob
-import io
 import json
 import logging
 import os
@@ -48,6 +60,8 @@ from typing import Any
 
 import torch
 from PIL import Image
+
+from pipelines.image_guard import open_rgb
 
 log = logging.getLogger(__name__)
 
@@ -75,10 +89,28 @@ def _is_remote(s: str) -> bool:
     return s.startswith(_REMOTE) or "://" in s
 
 
+BUILD_HINT = "run `make build-rs5m` (or give --data a build folder, a glob or a brace range)"
+
+
+def check_build_folder(folder: str) -> None:
+    """Refuse a build folder whose build did not complete (no ``stats.json``) or that another
+    major schema version wrote."""
+    from schemas import check_doc_version
+
+    stats = os.path.join(folder, "stats.json")
+    if not os.path.isfile(stats):
+        raise FileNotFoundError(
+            f"{folder} has no stats.json: its build did not complete (failed or killed), so "
+            f"its shards and sizes may disagree; {BUILD_HINT}")
+    with open(stats, encoding="utf-8") as f:
+        check_doc_version(json.load(f), stats)
+
+
 def expand_urls(spec: str | Sequence[str]) -> list[str]:
     """Shard URLs of ``spec``: ``::``-separated (open_clip style) entries, each a build output
-    directory (→ its ``shards/*.tar``), a directory of tars, a local glob, a brace range
-    (``a-{00000..00009}.tar``), a URL or a ``pipe:`` command."""
+    directory (→ its ``shards/*.tar``, once its ``stats.json`` says it completed), a directory
+    of tars, a local glob, a brace range (``a-{00000..00009}.tar``), a URL or a ``pipe:``
+    command. A local entry that names nothing is an error that says what to run."""
     from braceexpand import braceexpand
 
     entries = [spec] if isinstance(spec, str) else list(spec)
@@ -90,16 +122,21 @@ def expand_urls(spec: str | Sequence[str]) -> list[str]:
             continue
         if os.path.isdir(part):
             sub = os.path.join(part, "shards")
+            is_build = os.path.isdir(sub) or any(
+                os.path.exists(os.path.join(part, n)) for n in ("stats.json", "manifest.json"))
+            if is_build:
+                check_build_folder(part)
             d = sub if os.path.isdir(sub) else part
             found = sorted(glob.glob(os.path.join(d, "*.tar")))
             if not found:
-                raise FileNotFoundError(f"no *.tar shards in {d}")
+                raise FileNotFoundError(f"no shards in {part} (no *.tar in {d}): {BUILD_HINT}")
             urls.extend(found)
             continue
         for p in braceexpand(part):
             hits = sorted(glob.glob(p)) if any(c in p for c in "*?[") else [p]
-            if not hits:
-                raise FileNotFoundError(f"no shards match {p!r}")
+            if not hits or not all(os.path.isfile(h) for h in hits):
+                missing = p if not hits else next(h for h in hits if not os.path.isfile(h))
+                raise FileNotFoundError(f"no shards in {missing}: {BUILD_HINT}")
             urls.extend(hits)
     if not urls:
         raise ValueError(f"no shards in {spec!r}")
@@ -157,6 +194,9 @@ class StreamConfig:
     urls: list[str]
     batch_size: int
     seed: int = 0
+    #: "first": the primary caption ({key}.txt); "random": one of the row's ``captions`` per
+    #: visit, (h(seed, key) + visit) mod n (see the module docstring)
+    caption_choice: str = "first"
     rank: int = 0
     world_size: int = 1
     mix: dict[str, float] | None = None
@@ -214,19 +254,24 @@ def _shard_samples(url: str, handler: Callable) -> Iterator[dict[str, Any]]:
 
 def raw_stream(plan: _Plan, seed: int, g: int, handler: Callable = warn_and_count
                ) -> Iterator[dict[str, Any]]:
-    """Infinite resampled stream of undecoded samples of global worker ``g``."""
+    """Infinite resampled stream of undecoded samples of global worker ``g``; each sample
+    carries ``__visit__``: how many times before this worker drew the sample's shard."""
     draw = empty = 0
+    visits: dict[str, int] = {}
     while True:
         rng = random.Random(f"{seed}/{g}/{draw}")
         subset = rng.choices(plan.subsets, weights=plan.weights)[0]
         url = rng.choice(plan.shards[subset])
         mod = plan.modulo[subset]
+        visit = visits.get(url, 0)
+        visits[url] = visit + 1
         n = 0
         for j, sample in enumerate(_shard_samples(url, handler)):
             if mod is not None and j % mod[1] != mod[0]:
                 continue
             n += 1
             sample["__subset__"] = subset
+            sample["__visit__"] = visit
             yield sample
         empty = empty + 1 if n == 0 else 0
         if empty >= 100:
@@ -280,15 +325,39 @@ class CaptionTokenizer:
         return tokens, n
 
 
-def _decode(sample: dict[str, Any]) -> tuple[Image.Image, str]:
+def caption_index(seed: int, key: str, visit: int, n: int) -> int:
+    """Which of ``n`` captions the ``visit``-th visit of ``key`` trains on: a per-sample random
+    start, then the next one each visit (any n visits use every caption)."""
+    import hashlib
+
+    start = int.from_bytes(hashlib.blake2b(f"{seed}/{key}".encode(), digest_size=8).digest(),
+                           "big")
+    return (start + int(visit)) % n
+
+
+def choose_caption(sample: dict[str, Any], choice: str = "first", seed: int = 0) -> str:
+    """The caption a visit of ``sample`` trains on (``caption_choice``)."""
+    if "txt" not in sample:
+        raise ValueError(f"sample {sample.get('__key__')} has no txt")
+    primary = sample["txt"].decode("utf-8")
+    if choice == "first" or "json" not in sample:
+        return primary
+    captions = json.loads(sample["json"]).get("captions") or []
+    captions = [c for c in captions if isinstance(c, str) and c]
+    if len(captions) < 2:
+        return primary
+    return captions[caption_index(seed, sample["__key__"], sample.get("__visit__", 0),
+                                  len(captions))]
+
+
+def _decode(sample: dict[str, Any], choice: str = "first", seed: int = 0
+            ) -> tuple[Image.Image, str]:
     img_bytes = next((sample[e] for e in IMAGE_EXTS if e in sample), None)
     if img_bytes is None:
         raise ValueError(f"sample {sample.get('__key__')} has no image")
-    if "txt" not in sample:
-        raise ValueError(f"sample {sample.get('__key__')} has no txt")
-    with Image.open(io.BytesIO(img_bytes)) as im:
-        img = im.convert("RGB")
-    return img, sample["txt"].decode("utf-8")
+    text = choose_caption(sample, choice, seed)
+    # shards are input too: the same format allow-list and bomb guards as the pipelines
+    return open_rgb(img_bytes), text
 
 
 class ShardBatches(torch.utils.data.IterableDataset):
@@ -320,7 +389,7 @@ class ShardBatches(torch.utils.data.IterableDataset):
             if pos < start:  # resume: fast-forward without decoding
                 continue
             try:
-                img, text = _decode(sample)
+                img, text = _decode(sample, cfg.caption_choice, cfg.seed)
                 x = self.augment(img, random.Random(f"{cfg.seed}/{g}/aug/{pos}"))
                 tokens, n_tok = self.tok(text)
             except Exception as exn:  # noqa: BLE001 - corrupt data must not kill a run

@@ -63,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="shards: a build output dir (→ shards/*.tar), dir, glob, brace range, URL or pipe:; "
              "several joined with '::'")
     add("--mix", default=None, help="subset weights, e.g. pub11=0.6,rs3=0.4 (default: by shards)")
+    add("--caption-choice", default="first", choices=["first", "random"],
+        help="first: the primary caption ({key}.txt); random: one of the sample's captions "
+             "per visit, the next one at each visit (resume-exact)")
     add("--workers", type=int, default=1, help="DataLoader workers per rank")
     add("--shuffle-buffer", type=int, default=256)
     add("--aug-rotate-any", action="store_true", help="also rotate by an arbitrary angle")
@@ -312,7 +315,8 @@ def _run(args: argparse.Namespace) -> tuple[dict[str, Any], Any]:
         rot90=not args.no_aug, hflip=not args.no_aug, vflip=not args.no_aug,
         rotate_any=args.aug_rotate_any, interpolation=info.get("interpolation", "bicubic"),
     )
-    stream = StreamConfig(urls=urls, batch_size=args.batch_size, seed=args.seed, rank=rank,
+    stream = StreamConfig(urls=urls, batch_size=args.batch_size, seed=args.seed,
+                          caption_choice=args.caption_choice, rank=rank,
                           world_size=world, mix=parse_mix(args.mix),
                           shuffle_buffer=args.shuffle_buffer, start_positions=start_positions,
                           batches_consumed=step * args.accum_freq if start_positions else 0,

@@ -25,17 +25,28 @@
 * a directory as above + a checkpoint file: the directory supplies the architecture and
   preprocessing, the file the weights (e.g. a fine-tuned ``epoch_N.pt`` of the tiny model).
 
-Everything else is refused with ``ValueError``: ``hf-hub:`` names, URLs, and ``pretrained``
-tags such as ``"openai"`` or ``"laion2b_s34b_b79k"`` that would make open_clip download. Weights
-are read with ``torch.load(..., weights_only=True)`` (never an arbitrary unpickle) or with
-safetensors.
+Directories and files may also live on any filesystem Beam's ``FileSystems`` knows
+(``gs://``, ``s3://``, ...): they are copied once per worker process to local disk
+(``$RS_CORPUS_MODEL_CACHE``, default ``<tmp>/rs-corpus-models``) and loaded from there, so a
+Dataflow or Flink worker reads the weights the launcher was given (:func:`localize`).
+
+Everything else is refused with ``ValueError``: ``hf-hub:`` names, http(s) URLs, ``pretrained``
+tags such as ``"openai"`` or ``"laion2b_s34b_b79k"`` that would make open_clip download, and
+model configs that name a hub model or tokenizer (``text_cfg.hf_model_name`` /
+``hf_tokenizer_name`` that is not a local directory, SigLIP tokenizers by architecture name):
+nothing here ever downloads. Weights are read with ``torch.load(..., weights_only=True)``
+(never an arbitrary unpickle) or with safetensors.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
+import shutil
+import tempfile
+import threading
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -53,7 +64,9 @@ CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 LOCAL_DIR_PREFIX = "local-dir:"
 CONFIG_NAME = "open_clip_config.json"
 PRECISIONS = ("fp32", "bf16", "fp16")
-_REMOTE_PREFIXES = ("hf-hub:", "hf://", "http://", "https://", "gs://", "s3://", "ftp://")
+_HUB_PREFIXES = ("hf-hub:", "hf://", "http://", "https://", "ftp://")
+CACHE_ENV = "RS_CORPUS_MODEL_CACHE"
+_localize_lock = threading.Lock()
 
 _registered = False
 
@@ -70,13 +83,110 @@ register_configs()
 
 
 def _refuse_remote(what: str, value: str) -> None:
+    """Refuse hub names and URLs; a path on a Beam filesystem (gs://, s3://...) is fine."""
     low = value.lower()
-    if low.startswith(_REMOTE_PREFIXES) or "://" in low:
+    if low.startswith(_HUB_PREFIXES) or ("://" in low and not _is_filesystem_path(value)):
         raise ValueError(
-            f"{what}={value!r} points at a model hub or URL; rs-corpus only loads LOCAL weights. "
-            "Download the model yourself (e.g. `huggingface-cli download ORG/REPO --local-dir DIR`) "
-            "and pass the directory, or an architecture name plus a local checkpoint file."
+            f"{what}={value!r} points at a model hub or URL; rs-corpus only loads weights from "
+            "files (local disk, or gs://, s3://... through Beam's FileSystems). Download the "
+            "model yourself (e.g. `huggingface-cli download ORG/REPO --local-dir DIR`) and pass "
+            "the directory, or an architecture name plus a checkpoint file."
         )
+
+
+def _is_filesystem_path(value: str) -> bool:
+    """A ``scheme://`` path that one of Beam's filesystems (not the local one) serves."""
+    if "://" not in value or value.lower().startswith(("file://",) + _HUB_PREFIXES):
+        return False
+    from apache_beam.io.filesystems import FileSystems
+
+    try:
+        FileSystems.get_filesystem(value)
+    except ValueError:
+        return False
+    return True
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get(CACHE_ENV) or os.path.join(tempfile.gettempdir(),
+                                                            "rs-corpus-models"))
+
+
+def localize(path: str) -> str:
+    """A local path holding what ``path`` holds: ``path`` itself when it is local, else a copy
+    of the file or directory (``gs://b/m/`` → every file under it) made once per process
+    (and reused by other processes: the copy is renamed into place only when complete)."""
+    if not _is_filesystem_path(path):
+        return path.removeprefix("file://")
+    from apache_beam.io.filesystems import FileSystems
+
+    base = path.rstrip("/")
+    name = base.rsplit("/", 1)[-1] or "model"
+    found = FileSystems.match([base + "/**"])[0].metadata_list
+    single = not found
+    if single:
+        found = FileSystems.match([base])[0].metadata_list
+        if not found:
+            raise FileNotFoundError(f"no model file or directory at {path}")
+    files = [m.path for m in found]
+    # the copy is named by what it holds (paths, sizes, times): new weights, new copy
+    stamp = "\n".join(f"{m.path}\t{m.size_in_bytes}\t{m.last_updated_in_seconds}"
+                      for m in sorted(found, key=lambda m: m.path))
+    digest = hashlib.sha256(f"{base}\n{stamp}".encode()).hexdigest()[:16]
+    dest = cache_root() / f"{digest}-{name}"
+    with _localize_lock:
+        if dest.exists():
+            return str(dest)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{digest}-", dir=_ensure(cache_root())))
+        try:
+            for src in files:
+                rel = name if single else src[len(base) + 1:]
+                target = tmp / rel
+                target.parent.mkdir(parents=True, exist_ok=True)
+                with FileSystems.open(src, compression_type="uncompressed") as fin, \
+                        open(target, "wb") as fout:
+                    shutil.copyfileobj(fin, fout, 1 << 20)
+            final = tmp / name if single else tmp
+            try:
+                os.rename(final, dest)
+            except OSError:  # another process finished first: use its copy
+                if not dest.exists():
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        log.info("copied %s to %s", path, dest)
+    return str(dest)
+
+
+def _ensure(d: Path) -> Path:
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def hub_references(model_cfg: dict, identifier: str, local_dir: Path | None) -> list[str]:
+    """What in an open_clip config would make open_clip download from a hub."""
+    text = model_cfg.get("text_cfg", {}) or {}
+    found = []
+    for key in ("hf_model_name", "hf_tokenizer_name"):
+        name = text.get(key)
+        if not name:
+            continue
+        if key == "hf_tokenizer_name" and local_dir is not None:
+            continue  # open_clip reads a local-dir model's tokenizer from the dir itself
+        if not os.path.isdir(str(name)):
+            found.append(f"text_cfg.{key}={name!r} (a Hugging Face hub name, not a local dir)")
+    if local_dir is None and "siglip" in identifier.lower() and not text.get("hf_tokenizer_name"):
+        found.append(f"{identifier!r} uses a SigLIP tokenizer that open_clip downloads")
+    return found
+
+
+def _refuse_hub_config(model_cfg: dict, identifier: str, local_dir: Path | None) -> None:
+    refs = hub_references(model_cfg, identifier, local_dir)
+    if refs:
+        raise ValueError(
+            f"model {identifier!r} would download from a model hub: {'; '.join(refs)}. "
+            "rs-corpus loads local files only: download the text tower and tokenizer and put "
+            "their local directories in the config, or use a model directory that holds them.")
 
 
 def resolve_model_dir(model: str) -> Path | None:
@@ -124,9 +234,14 @@ def load_open_clip(
     if not isinstance(model, str) or not model:
         raise ValueError("model must be an open_clip architecture name or a local directory")
     _refuse_remote("model", model)
+    if model.startswith(LOCAL_DIR_PREFIX):
+        model = LOCAL_DIR_PREFIX + localize(model[len(LOCAL_DIR_PREFIX):])
+    else:
+        model = localize(model)
     if pretrained is not None:
         pretrained = os.fspath(pretrained)
         _refuse_remote("pretrained", pretrained)
+        pretrained = localize(pretrained)
         if not os.path.isfile(pretrained):
             raise ValueError(
                 f"pretrained={pretrained!r} is not a local checkpoint file. Pretrained tags "
@@ -137,6 +252,7 @@ def load_open_clip(
     register_configs()
 
     model_dir = resolve_model_dir(model)
+    _refuse_hub_config(model_config(model), model, model_dir)
     common = {
         "precision": precision,
         "device": dev,
@@ -184,9 +300,11 @@ def _dir_checkpoint(d: Path) -> Path | None:
 
 
 def model_config(model: str) -> dict:
-    """The open_clip ``model_cfg`` of an architecture name or local model directory."""
+    """The open_clip ``model_cfg`` of an architecture name or model directory."""
     _refuse_remote("model", model)
     register_configs()
+    if _is_filesystem_path(model.removeprefix(LOCAL_DIR_PREFIX)):
+        model = localize(model.removeprefix(LOCAL_DIR_PREFIX))
     d = resolve_model_dir(model)
     if d is not None:
         cfg = json.loads((d / CONFIG_NAME).read_text())

@@ -25,7 +25,6 @@ Rejects: stage ``decontam``, reason ``benchmark_overlap``, detail ``"<benchmark>
 from __future__ import annotations
 
 import dataclasses
-import json
 import posixpath
 from collections.abc import Sequence
 from typing import Any
@@ -34,16 +33,14 @@ import apache_beam as beam
 import numpy as np
 from apache_beam.io.filesystems import FileSystems
 
-from pipelines.records import REJECTS, Reject, reject_row
+from pipelines.records import MAIN, REJECTS, Reject, reject_row
 from pipelines.stages.images import split_hashes
 
 STAGE = "decontam"
 OVERLAP = "benchmark_overlap"
-MAIN = "records"
 #: records per matrix product against the benchmark embeddings, and benchmark rows per block
 EMB_BATCH = 256
 BENCH_BLOCK = 8192
-IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp", ".gif")
 
 
 def parse_specs(specs: Sequence[str] | str | None) -> list[tuple[str, str]]:
@@ -68,56 +65,17 @@ def _match(pattern: str) -> list[str]:
     return sorted(m.path for m in FileSystems.match([pattern])[0].metadata_list)
 
 
-def _is_image(path: str) -> bool:
-    return path.lower().endswith(IMAGE_EXTS)
-
-
 def _read(path: str) -> bytes:
     with FileSystems.open(path, compression_type="uncompressed") as f:
         return f.read()
 
 
-def _json_images(json_path: str, image_dir: str | None) -> list[tuple[str, str]]:
-    doc = json.loads(_read(json_path))
-    items = doc.get("images", doc) if isinstance(doc, dict) else doc
-    names = []
-    for it in items:
-        if isinstance(it, str):
-            names.append(it)
-        elif isinstance(it, dict):
-            n = it.get("filename") or it.get("image") or it.get("file_name") or it.get("imgid")
-            if n is not None:
-                names.append(str(n))
-    base = posixpath.dirname(json_path)
-    dirs = [image_dir] if image_dir else [base, posixpath.join(base, "images"),
-                                          posixpath.join(base, "imgs")]
-    out = []
-    for n in dict.fromkeys(names):
-        for d in dirs:
-            p = posixpath.join(d, n)
-            if FileSystems.exists(p):
-                out.append((n, p))
-                break
-        else:
-            raise FileNotFoundError(f"{json_path}: image {n!r} not found in {dirs}")
-    return out
-
-
 def list_images(path: str) -> list[tuple[str, str]]:
-    """(image id relative to the benchmark, full path) of every image of one benchmark."""
-    json_path, _, image_dir = path.partition("::")
-    if json_path.lower().endswith(".json"):
-        return _json_images(json_path, image_dir or None)
-    root = path.rstrip("/")
-    jsons = _match(posixpath.join(root, "*.json"))
-    if len(jsons) == 1:
-        return _json_images(jsons[0], None)
-    found = [p for p in _match(posixpath.join(root, "*", "*")) if _is_image(p)]
-    found += [p for p in _match(posixpath.join(root, "*")) if _is_image(p)]
-    if not found:
-        raise FileNotFoundError(f"no benchmark images under {path} (class folders or a JSON)")
-    return sorted((posixpath.relpath(p, root) if "://" not in p else p[len(root) + 1:], p)
-                  for p in found)
+    """(image id relative to the benchmark, full path) of every image of one benchmark (the
+    formats and their path checks: :func:`pipelines.sources.benchmarks.benchmark_images`)."""
+    from pipelines.sources.benchmarks import benchmark_images
+
+    return benchmark_images(path)
 
 
 def list_benchmarks(specs: Sequence[tuple[str, str]]) -> list[tuple[str, str, str]]:

@@ -11,9 +11,9 @@ A name of the form <model>-<backbone> as published_results.csv spells them (GeoR
 RemoteCLIP-ViT-L-14, SkyCLIP-50-ViT-B-32, CLIP-ViT-B-32) puts the published figures beside ours.
 
 Datasets: ``--datasets AID,RESISC45,RSICD`` (known names, under ``--data-root``) or
-``NAME=PATH`` entries. Without ``--datasets`` the demo benchmark is used (generated into
-``--demo-dir`` if missing) and the untrained tiny model is scored beside the checkpoint(s)
-(``--no-baseline`` to leave it out).
+``NAME=PATH`` entries. Without ``--datasets`` the demo benchmark in ``--demo-dir`` is used
+(``make bench`` builds it first: ``python -m pipelines.demo bench-sets``) and the untrained
+tiny model is scored beside the checkpoint(s) (``--no-baseline`` to leave it out).
 
 Writes ``OUTPUT/results.json``, ``OUTPUT/results.md``, ``OUTPUT/fewshot.png`` and the feature
 cache ``OUTPUT/cache/``.
@@ -23,22 +23,16 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 import os
 import sys
 import time
 from collections.abc import Sequence
 
-from trainer.bench import (
-    ALL_PROTOCOLS,
-    TINY_BASELINE_DIR,
-    BenchModel,
-    ModelSpec,
-    Options,
-    evaluate,
-    report,
-    resolve_checkpoint,
-)
+from trainer.bench import report
+from trainer.bench.evaluate import ALL_PROTOCOLS, Options, evaluate
+from trainer.bench.models import TINY_BASELINE_DIR, BenchModel, ModelSpec, resolve_checkpoint
 from trainer.bench.registry import DEMO_DATASETS, KNOWN, prompt_sets, resolve
 
 log = logging.getLogger("trainer.bench")
@@ -76,12 +70,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                     help="override a dataset's split: whole | test | a split-file path "
                          "(JSON {train, val, test} of paths relative to the dataset)")
     ap.add_argument("--demo-dir", default="data/demo/bench")
-    ap.add_argument("--demo-seed", type=int, default=0)
     ap.add_argument("--baseline", dest="baseline", action="store_true", default=None,
                     help="also score the untrained tiny model (default: only on the demo sets)")
     ap.add_argument("--no-baseline", dest="baseline", action="store_false")
     ap.add_argument("--baseline-model", default=TINY_BASELINE_DIR,
-                    help="the untrained tiny model dir (built with seed 0 if missing)")
+                    help="the untrained tiny model dir (`python -m pipelines.demo bench-sets` "
+                         "builds it)")
     ap.add_argument("--protocols", type=_csv, default=list(ALL_PROTOCOLS))
     ap.add_argument("--prompts", type=_csv, default=None,
                     help=f"zero-shot prompt sets (default: each dataset's); {prompt_sets()}")
@@ -158,20 +152,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     specs, notes = model_specs(args.model_items)
     demo = args.datasets is None
     if demo:
-        from pipelines.demo.benchmarks import ensure_demo_benchmarks
-
-        ensure_demo_benchmarks(args.demo_dir, args.demo_seed)
+        if not os.path.isfile(os.path.join(args.demo_dir, "benchmarks.json")):
+            log.error("no demo benchmark in %s: run `make bench` (it builds one) or "
+                      "`python -m pipelines.demo bench-sets --out %s`, or pass --datasets",
+                      args.demo_dir, os.path.dirname(args.demo_dir.rstrip("/")) or ".")
+            return 2
         names = list(DEMO_DATASETS)
-        notes.append(f"demo benchmark {args.demo_dir} (seed {args.demo_seed}): scenes the "
-                     "corpus build never saw")
+        with open(os.path.join(args.demo_dir, "benchmarks.json"), encoding="utf-8") as f:
+            seed = json.load(f).get("seed")
+        notes.append(f"demo benchmark {args.demo_dir} (seed {seed}): scenes the corpus build "
+                     "never saw")
     else:
         names = args.datasets
     baseline = demo if args.baseline is None else args.baseline
     if baseline:
         if not os.path.isdir(args.baseline_model):
-            from pipelines.demo.tiny_models import build_tiny_clip
-
-            build_tiny_clip(args.baseline_model, seed=0)
+            log.error("no baseline model in %s: run `make bench` (it builds one) or "
+                      "`python -m pipelines.demo bench-sets`, or pass --no-baseline",
+                      args.baseline_model)
+            return 2
         specs.insert(0, ModelSpec("tiny-untrained", args.baseline_model))
     if not specs:
         for n in notes:

@@ -18,6 +18,8 @@ import re
 from functools import cache
 from pathlib import Path
 
+from pipelines.sources.benchmarks import guess_task
+
 DATA_DIR = Path(__file__).resolve().parent / "data"
 TASKS = ("classification", "retrieval", "counting", "selo")
 
@@ -145,7 +147,7 @@ def resolve(name: str, data_root: str | Path, demo_root: str | Path | None = Non
     """``NAME`` (a known dataset under ``data_root``) or ``NAME=PATH`` → (spec, path).
 
     An unknown ``NAME=PATH`` gets its task guessed from the contents (see
-    :func:`trainer.bench.datasets.guess_task`).
+    :func:`pipelines.sources.benchmarks.guess_task`).
     """
     path: str | None = None
     if "=" in name:
@@ -155,9 +157,7 @@ def resolve(name: str, data_root: str | Path, demo_root: str | Path | None = Non
         if path is None:
             raise KeyError(
                 f"unknown dataset {name!r}: pass NAME=PATH, or one of {sorted(KNOWN)}")
-        from trainer.bench.datasets import guess_task
-
-        spec = DatasetSpec(name, guess_task(Path(path)), path, published=name)
+        spec = DatasetSpec(name, guess_task(path), path, published=name)
     if path is None:
         root = Path(demo_root) if (spec.name in DEMO_DATASETS and demo_root) else Path(data_root)
         p = Path(spec.path)
