@@ -10,7 +10,8 @@ RUNNER ?= DirectRunner
 OUTPUT ?= out/rs5m
 DEMO   ?= data/demo
 DEMO_PORT ?= 8707
-# INPUT: a glob of LAION-style parquet files; empty = the bundled demo world (served on loopback)
+# INPUT: build-rs5m: a glob of LAION-style parquet files; build-local: a captioned folder;
+# empty = the bundled demo world (served on loopback)
 INPUT  ?=
 ARGS   ?=
 
@@ -19,10 +20,11 @@ DATA       ?= out/rs5m
 NPROC      ?= 1
 CHECKPOINT ?= out/train/checkpoints/latest.pt
 
-.PHONY: help venv demo build-rs5m stats train bench test perf perf-ingest perf-dedup perf-train clean
+.PHONY: help venv demo build-rs5m build-local stats train bench lint test perf perf-ingest perf-dedup perf-train clean
 
 help:
 	@echo "make build-rs5m RUNNER=DirectRunner [INPUT=glob] [OUTPUT=dir] [ARGS='...']"
+	@echo "make build-local INPUT=folder [OUTPUT=out/local] [ARGS='...']   your captioned images"
 	@echo "make stats OUTPUT=dir      per-source stage table of a build (DuckDB)"
 	@echo "make train [DATA=out/rs5m] [OUTPUT=out/train] [NPROC=1] [ARGS='...']"
 	@echo "make bench [CHECKPOINT=out/train/checkpoints/latest.pt] [OUTPUT=out/bench] [ARGS='...']"
@@ -46,11 +48,20 @@ demo: $(STAMP)
 build-rs5m: $(STAMP)
 ifeq ($(strip $(INPUT)),)
 	$(PY) -m pipelines.demo build --out $(DEMO) --port $(DEMO_PORT) --if-missing
-	$(PY) -m pipelines.demo serve --out $(DEMO) --port $(DEMO_PORT) -- \
-	  $(PY) -m pipelines.recipes.rs5m --runner $(RUNNER) --output $(OUTPUT) \
-	  --demo_world $(DEMO) $(ARGS)
+	$(PY) -m pipelines.demo run --out $(DEMO) --port $(DEMO_PORT) --recipe rs5m -- \
+	  --runner $(RUNNER) --output $(OUTPUT) $(ARGS)
 else
 	$(PY) -m pipelines.recipes.rs5m --runner $(RUNNER) --input '$(INPUT)' --output $(OUTPUT) $(ARGS)
+endif
+
+build-local: OUTPUT = out/local
+build-local: $(STAMP)
+ifeq ($(strip $(INPUT)),)
+	$(PY) -m pipelines.demo build --out $(DEMO) --port $(DEMO_PORT) --if-missing
+	$(PY) -m pipelines.demo run --out $(DEMO) --port $(DEMO_PORT) --recipe local -- \
+	  --runner $(RUNNER) --output $(OUTPUT) $(ARGS)
+else
+	$(PY) -m pipelines.recipes.local --runner $(RUNNER) --local '$(INPUT)' --output $(OUTPUT) $(ARGS)
 endif
 
 train: OUTPUT = out/train
@@ -60,12 +71,20 @@ train: $(STAMP)
 
 bench: OUTPUT = out/bench
 bench: $(STAMP)
-	$(PY) -m trainer.bench --checkpoint $(CHECKPOINT) --output $(OUTPUT) $(ARGS)
+ifeq ($(findstring --datasets,$(ARGS)),)
+	$(PY) -m pipelines.demo bench-sets --out $(DEMO)
+endif
+	$(PY) -m trainer.bench --checkpoint $(CHECKPOINT) --output $(OUTPUT) \
+	  --demo-dir $(DEMO)/bench --baseline-model $(DEMO)/models/tiny-clip $(ARGS)
 
 stats: $(STAMP)
 	$(PY) -m pipelines.stats $(OUTPUT)
 
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
 test: $(STAMP)
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q $(ARGS)
 
 perf: perf-ingest perf-dedup perf-train

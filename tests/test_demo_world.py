@@ -20,6 +20,8 @@ from pipelines.demo import pub11, scenes
 from pipelines.demo.pub11 import PLANTED_KINDS, build_pub11
 
 SMALL = {"n_rs": 12, "n_non_rs": 9, "n_probe": 4}
+SMALL_LOCAL = 6
+WORLD_PARAMS = {**SMALL, "n_local": SMALL_LOCAL}  # what world.json records
 
 
 def _free_port() -> int:
@@ -35,8 +37,12 @@ def worlds(tmp_path_factory):
     base = f"http://127.0.0.1:{port}"
     a = str(tmp_path_factory.mktemp("world_a"))
     b = str(tmp_path_factory.mktemp("world_b"))
-    summary = build_pub11(a, base, seed=3, **SMALL)
-    build_pub11(b, base, seed=3, **SMALL)
+    from pipelines.demo.local import build_local
+
+    summary = build_pub11(a, base, seed=3, **SMALL, extra_params={"n_local": SMALL_LOCAL})
+    build_local(a, seed=3, n=SMALL_LOCAL)
+    build_pub11(b, base, seed=3, **SMALL, extra_params={"n_local": SMALL_LOCAL})
+    build_local(b, seed=3, n=SMALL_LOCAL)
     return a, b, port, summary
 
 
@@ -105,7 +111,7 @@ def test_layout_and_world_json(worlds):
     assert world["base_url"] == f"http://127.0.0.1:{port}"
     assert world["version"] == pub11.GENERATOR_VERSION
     assert world["classes"] == list(scenes.CLASSES) and len(world["classes"]) >= 10
-    assert world["params"] == SMALL
+    assert world["params"] == WORLD_PARAMS
     assert world["counts"] == summary
 
 
@@ -155,7 +161,14 @@ def test_ground_truth_matches_parquet_rows(world, gt):
             assert g["key"] == make_key(s, g["source_id"])
         n += len(rows)
     assert n == len(gt)
-    assert len({(r["source"], r["source_id"]) for r in gt}) == len(gt)
+    # ids are unique per source, but for the planted repeated ids (each repeats one row's)
+    repeated = [r for r in gt if r["planted"] == "duplicate_id"]
+    assert len({(r["source"], r["source_id"]) for r in gt}) == len(gt) - len(repeated)
+    for r in repeated:
+        first = [g for g in gt if (g["source"], g["source_id"]) == (r["source"], r["source_id"])
+                 and g is not r]
+        assert len(first) == 1 and first[0]["row"] < r["row"]
+        assert first[0]["expected"] != "rejected" and first[0]["is_rs"]
     for r in gt:
         assert r["expected"] in ("kept", "rejected", "duplicate")
         assert r["expected_stage"] in (None, "read", "keywords", "fetch", "decode", "dedup",
@@ -175,7 +188,7 @@ def test_every_planted_kind_is_present_with_its_expectation(gt):
     for kind in PLANTED_KINDS:  # a few rows of each, across sources where a source can hold it
         rows = _rows(gt, kind)
         assert len(rows) >= 2, kind
-        if kind != "caption_not_utf8":
+        if kind not in ("caption_not_utf8", "duplicate_id"):  # one source can hold these
             assert len({r["source"] for r in rows}) >= 2, kind
 
 
@@ -443,8 +456,8 @@ def test_cli_build_if_missing_keeps_a_current_world(worlds, monkeypatch):
     from pipelines.demo import __main__ as cli
 
     world, _, port, _ = worlds
-    assert cli.world_is_current(world, 3, f"http://127.0.0.1:{port}", SMALL)
-    assert not cli.world_is_current(world, 4, f"http://127.0.0.1:{port}", SMALL)
+    assert cli.world_is_current(world, 3, f"http://127.0.0.1:{port}", WORLD_PARAMS)
+    assert not cli.world_is_current(world, 4, f"http://127.0.0.1:{port}", WORLD_PARAMS)
     from pipelines.demo import tiny_models
 
     models = []
@@ -453,7 +466,8 @@ def test_cli_build_if_missing_keeps_a_current_world(worlds, monkeypatch):
     monkeypatch.setattr(pub11, "build_pub11", lambda *a, **k: calls.append(a))
     before = os.path.getmtime(os.path.join(world, "world.json"))
     rc = cli.main(["build", "--out", world, "--port", str(port), "--seed", "3", "--if-missing",
-                   "--n-rs", "12", "--n-non-rs", "9", "--n-probe", "4"])
+                   "--n-rs", "12", "--n-non-rs", "9", "--n-probe", "4",
+                   "--n-local", str(SMALL_LOCAL)])
     assert rc == 0 and calls == []
     assert models == [(os.path.join(world, "models"), 3)]  # no models yet: built
     assert os.path.getmtime(os.path.join(world, "world.json")) == before
@@ -490,3 +504,27 @@ def test_cli_knows_the_names_tiny_models_writes():
 
     assert (cli.TINY_CLIP_DIR, cli.RS_PROBE_FILE) == (
         tiny_models.TINY_CLIP_DIR, tiny_models.RS_PROBE_FILE)
+
+
+# ----------------------------------------------------------------------------- the folder
+
+
+def test_the_captioned_folder_plants_every_case(world):
+    from pipelines.demo.local import PLANTED_KINDS as LOCAL_KINDS
+    from pipelines.sources.folder import find_table
+
+    truth = pq.read_table(os.path.join(world, "local_truth.parquet")).to_pylist()
+    lines = _read(os.path.join(world, "local", "metadata.jsonl")).splitlines()
+    assert len(truth) == len(lines) and [r["row"] for r in truth] == list(range(len(lines)))
+    assert {r["planted"] for r in truth if r["planted"]} == set(LOCAL_KINDS)
+    assert find_table(os.path.join(world, "local")).endswith("metadata.jsonl")
+    link = os.path.join(world, "local", "images", "planted", "link-out.jpg")
+    assert os.path.islink(link) and not os.path.realpath(link).startswith(
+        os.path.realpath(os.path.join(world, "local")))
+    shared = next(r for r in truth if r["planted"] == "shared_with_pub11")
+    gt = pq.read_table(os.path.join(world, "ground_truth.parquet")).to_pylist()
+    web = next(g for g in gt if g["key"] == shared["shared_key"])
+    assert _read(os.path.join(world, "local", shared["image"])) == _read(
+        _img_path(world, web["image"]))  # the same bytes: a sha256 duplicate when built together
+    clean = [r for r in truth if not r["planted"]]
+    assert len(clean) == SMALL_LOCAL and all(r["expected"] == "kept" for r in clean)

@@ -1,7 +1,8 @@
-"""End to end: the PUB11 recipe on a small demo world served on 127.0.0.1.
+"""End to end: the RS5M recipe (PUB11 + the captioned folder) on a small demo world served on
+127.0.0.1.
 
-One world and one DirectRunner build are shared by the module (they are the slow part); the
-tests then check the build's promises one by one.
+One world and one DirectRunner build of both subsets are shared by the module (they are the
+slow part); the tests then check the build's promises one by one.
 """
 
 import glob
@@ -15,7 +16,9 @@ import pytest
 import webdataset as wds
 
 from pipelines.demo import scoring
+from pipelines.demo.local import build_local
 from pipelines.demo.pub11 import build_pub11
+from pipelines.demo.recipes import recipe_args
 from pipelines.demo.server import DemoServer
 from pipelines.demo.tiny_models import build_tiny_models
 from pipelines.recipes import rs5m
@@ -28,12 +31,18 @@ def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("world")
     with DemoServer(str(root / "www")) as srv:
         build_pub11(str(root), base_url=srv.base_url, seed=3, n_rs=60, n_non_rs=30)
+        build_local(str(root), seed=3, n=20)
         build_tiny_models(str(root / "models"), seed=3, probe_data=str(root / "probe"))
         yield root, srv
 
 
+def _read(path) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
 def run_build(world_root, out, *extra):
-    return rs5m.run(["--demo_world", str(world_root), "--output", str(out),
+    return rs5m.run([*recipe_args(str(world_root)), "--output", str(out),
                      "--samples_per_shard", "40", *extra])
 
 
@@ -49,14 +58,23 @@ def _files(folder):
     return sorted(glob.glob(os.path.join(folder, "**", "*.*"), recursive=True))
 
 
-def test_accounting_holds_and_matches_the_input(world, build):
+def test_accounting_holds_per_subset_and_matches_the_input(world, build):
     root, _ = world
     out, stats = build
-    n_input = sum(pq.read_metadata(f).num_rows for f in glob.glob(str(root / "pub11/*/*.parquet")))
-    assert stats["input"] == n_input
-    assert stats["input"] == stats["kept"] + stats["rejected"] + stats["duplicates"]
+    n_pub11 = sum(pq.read_metadata(f).num_rows
+                  for f in glob.glob(str(root / "pub11/*/*.parquet")))
+    n_local = len((root / "local" / "metadata.jsonl").read_text().splitlines())
+    assert stats["subsets"] == ["local", "pub11"]
+    per = {s["subset"]: s for s in stats["by_subset"]}
+    assert per["pub11"]["input"] == n_pub11 and per["local"]["input"] == n_local
+    assert stats["input"] == n_pub11 + n_local
+    for doc in [stats, *per.values()]:
+        assert doc["input"] == doc["kept"] + doc["rejected"] + doc["duplicates"]
     assert stats["kept"] > 0 and stats["rejected"] > 0 and stats["duplicates"] > 0
     assert json.loads((out / "stats.json").read_text()) == stats
+    for s in ("local", "pub11"):
+        sub = json.loads((out / "subsets" / s / "stats.json").read_text())
+        assert (sub["input"], sub["kept"]) == (per[s]["input"], per[s]["kept"])
 
 
 def test_every_row_lands_where_the_ground_truth_says(world, build):
@@ -75,6 +93,21 @@ def test_every_row_lands_where_the_ground_truth_says(world, build):
             assert r["outcome"] == "duplicate", r
 
 
+def test_an_image_in_both_subsets_is_kept_once_in_the_folder(world, build):
+    """The folder's copy wins over the web's (kit.PRIORITY_OWN < PRIORITY_WEB)."""
+    root, _ = world
+    out, _ = build
+    rows = scoring.outcomes(str(out), str(root))
+    local = next(r for r in rows if r["planted"] == "shared_with_pub11")
+    web = next(r for r in rows if r["subset"] == "pub11" and r["key"] == local["shared_key"])
+    assert local["outcome"] == "kept"
+    assert (web["outcome"], web["got_stage"], web["got_reason"]) == ("duplicate", "dedup",
+                                                                     "sha256")
+    dup = next(d for d in pq.read_table(str(out / "duplicates")).to_pylist()
+               if d["key"] == web["key"])
+    assert dup["subset"] == "pub11" and dup["duplicate_of"] == local["key"]
+
+
 def test_rs_filter_removes_most_non_rs_keyword_hits(world, build):
     root, _ = world
     out, _ = build
@@ -86,15 +119,30 @@ def test_rs_filter_removes_most_non_rs_keyword_hits(world, build):
 
 def test_shards_are_read_by_webdataset(build):
     out, stats = build
-    shards = sorted(glob.glob(str(out / "shards" / "pub11-*.tar")))
-    assert len(shards) == stats["shards"] >= 2
-    n = 0
+    shards = sorted(glob.glob(str(out / "shards" / "*.tar")))
+    assert len(shards) == stats["shards"] >= 3
+    n = geo = 0
+    kinds, n_captions = set(), []
     for sample in wds.WebDataset(shards, shardshuffle=False).decode("pil"):
+        meta = sample["json"]
         assert sample["jpg"].mode == "RGB" and max(sample["jpg"].size) == 256
-        assert sample["txt"] == sample["json"]["caption"]
-        assert 0.0 <= sample["json"]["rs_score"] <= 1.0
+        assert sample["txt"] == meta["caption"] == meta["captions"][0]
+        kinds.add((meta["subset"], meta["caption_kind"]))
+        if meta["subset"] == "pub11":
+            assert 0.0 <= meta["rs_score"] <= 1.0
+        else:  # the folder's rows: up to three captions each, half with coordinates
+            assert meta["rs_score"] is None
+            n_captions.append(len(meta["captions"]))
+            geo += meta["lat"] is not None and -90 <= meta["lat"] <= 90
         n += 1
     assert n == stats["kept"]
+    assert kinds == {("pub11", "web"), ("local", "human")}
+    assert max(n_captions) == 3 and geo >= 5
+    # shard numbers are contiguous per subset, so brace ranges name every shard
+    sizes = json.loads((out / "shards" / "sizes.json").read_text())
+    for subset in ("pub11", "local"):
+        names = sorted(k for k in sizes if k.startswith(subset + "-"))
+        assert names == [f"{subset}-{i:05d}.tar" for i in range(len(names))]
 
 
 def test_second_run_gives_byte_identical_shards_and_index(world, build, tmp_path):
@@ -106,27 +154,45 @@ def test_second_run_gives_byte_identical_shards_and_index(world, build, tmp_path
         a, b = _files(str(out / sub)), _files(str(again / sub))
         assert [os.path.relpath(f, out) for f in a] == [os.path.relpath(f, again) for f in b]
         for fa, fb in zip(a, b, strict=True):
-            assert open(fa, "rb").read() == open(fb, "rb").read(), fa
+            assert _read(fa) == _read(fb), fa
 
 
-def test_stats_command_prints_the_stage_table(build):
+def test_stats_command_prints_a_stage_table_per_subset(build):
     out, stats = build
     proc = subprocess.run([sys.executable, "-m", "pipelines.stats", str(out)],
                           capture_output=True, text=True, check=True)
     assert "keyword hits" in proc.stdout and "non-RS" in proc.stdout
-    total = next(line for line in proc.stdout.splitlines() if line.startswith("TOTAL"))
-    assert total.split()[1] == str(stats["input"]) and total.split()[-1] == str(stats["kept"])
+    assert "Subset pub11" in proc.stdout and "Subset local" in proc.stdout
+    per = {s["subset"]: s for s in stats["by_subset"]}
+    totals = [line.split() for line in proc.stdout.splitlines() if line.startswith("TOTAL")]
+    assert [(t[1], t[-1]) for t in totals] == [
+        (str(per[s]["input"]), str(per[s]["kept"])) for s in stats["subsets"]]
     assert "CLIP tokens" in proc.stdout
+
+
+DATAFLOW = ["--runner=DataflowRunner", "--dry_run=True", "--project=rs-corpus-test",
+            "--region=us-central1", "--temp_location=gs://rs-corpus-test/tmp"]
+
+
+def _has(names, *parts):
+    return any(all(p in n for p in parts) for n in names)
 
 
 def test_dataflow_translation_dry_run(world, tmp_path):
     root, _ = world
-    result = rs5m.run([
-        "--runner=DataflowRunner", "--dry_run=True", "--project=rs-corpus-test",
-        "--region=us-central1", "--temp_location=gs://rs-corpus-test/tmp",
-        "--demo_world", str(root), "--output", "gs://rs-corpus-test/out",
-    ])
-    assert result is None  # translated, not submitted
+    names = rs5m.run([*recipe_args(str(root)), *DATAFLOW, "--output", "gs://rs-corpus-test/out"])
+    # both heads, the shared tail and the sink's writers per subset are in the graph
+    for stage in ("Read[pub11]", "Keywords[pub11]", "UniqueIds[pub11]", "UrlDedup[pub11]",
+                  "FetchDecode[pub11]", "Dedup[pub11]", "RSFilter[pub11]",
+                  "Read[local]", "UniqueIds[local]", "ReadDecode[local]"):
+        assert _has(names, stage), stage
+    for stage in ("Tail/Dedup[tail]", "Tail/Embed[tail]"):
+        assert _has(names, stage), stage
+    assert not _has(names, "SemanticDedup") and not _has(names, "Decontaminate")
+    for subset in ("pub11", "local"):
+        for writer in ("Shards", "Rejects", "Duplicates", "Finish"):
+            assert _has(names, f"Subset[{subset}]/{writer}"), (subset, writer)
+    assert _has(names, "Tail/Write/Merge")
 
 
 def test_dataflow_translation_dry_run_with_every_new_stage(world, tmp_path):
@@ -135,14 +201,16 @@ def test_dataflow_translation_dry_run_with_every_new_stage(world, tmp_path):
     bench.mkdir(parents=True)
     src = min((root / "www" / "img").glob("*.jpg"))
     (bench / "x.jpg").write_bytes(src.read_bytes())
-    result = rs5m.run([
-        "--runner=DataflowRunner", "--dry_run=True", "--project=rs-corpus-test",
-        "--region=us-central1", "--temp_location=gs://rs-corpus-test/tmp",
-        "--demo_world", str(root), "--output", "gs://rs-corpus-test/out",
-        "--semdedup=true", "--clip_top_percent=50", "--clip_threshold=-1",
+    names = rs5m.run([
+        *recipe_args(str(root)), *DATAFLOW, "--output", "gs://rs-corpus-test/out",
+        "--subsets", "pub11", "--semdedup=true", "--clip_top_percent=50", "--clip_threshold=-1",
         "--embeddings_dir=gs://rs-corpus-test/emb", f"--decontam=b={bench.parent}",
     ])
-    assert result is None
+    for stage in ("Tail/ClipFilter[tail]", "Tail/Decontaminate[tail]",
+                  "Tail/SemanticDedup[tail]", "Subset[pub11]/Shards"):
+        assert _has(names, stage), stage
+    assert not _has(names, "[local]")  # --subsets pub11: the folder is not read
+    assert not _has(names, "Tail/Dedup[tail]")  # one subset that dedups itself
 
 
 def test_portable_runner_loopback_end_to_end(world, build, tmp_path):
@@ -155,8 +223,39 @@ def test_portable_runner_loopback_end_to_end(world, build, tmp_path):
         a, b = _files(str(out / sub)), _files(str(port / sub))
         assert len(a) == len(b) > 0
         for fa, fb in zip(a, b, strict=True):
-            assert open(fa, "rb").read() == open(fb, "rb").read(), fa
+            assert _read(fa) == _read(fb), fa
     assert stats["kept"] == json.loads((out / "stats.json").read_text())["kept"]
+
+
+def test_rebuilding_one_subset_leaves_the_other_and_the_merged_documents_right(build,
+                                                                               world, tmp_path):
+    import shutil
+
+    root, _ = world
+    out, stats = build
+    again = tmp_path / "again"
+    shutil.copytree(out, again)
+    pub11 = {f: _read(f) for f in _files(str(again)) if "pub11" in f}
+    run_build(root, again, "--subsets", "local")
+    for f, data in pub11.items():  # the other subset's files: untouched
+        assert _read(f) == data, f
+    for sub in ("shards", "index", "rejects"):  # the rebuilt subset: the same bytes again
+        for f in glob.glob(str(out / sub / "local-*")):
+            assert _read(f) == _read(str(again / sub / os.path.basename(f))), f
+    assert json.loads((again / "stats.json").read_text()) == stats
+    assert (json.loads((again / "sizes.json").read_text())
+            == json.loads((out / "sizes.json").read_text()))
+
+
+def test_help_lists_our_flags_and_beams():
+    for recipe in ("rs5m", "local"):
+        proc = subprocess.run([sys.executable, "-m", f"pipelines.recipes.{recipe}", "--help"],
+                              capture_output=True, text=True, timeout=120, check=False)
+        assert proc.returncode == 0, proc.stderr
+        for flag in ("--local", "--output", "--subsets", "--samples_per_shard", "--fetch_deadline",
+                     "--allow_networks", "--runner", "--temp_location", "--direct_num_workers"):
+            assert flag in proc.stdout, (recipe, flag)
+        assert ("--input" in proc.stdout) == (recipe == "rs5m")
 
 
 def test_open_clip_train_trains_on_the_shards(world, build, tmp_path):
@@ -173,7 +272,7 @@ def test_open_clip_train_trains_on_the_shards(world, build, tmp_path):
          "--device", "cpu", "--lr", "1e-4", "--warmup", "1", "--log-every-n-steps", "1",
          "--logs", str(tmp_path / "logs"), "--name", "smoke", "--save-frequency", "1",
          "--report-to", ""],
-        capture_output=True, text=True, env=env, timeout=600,
+        capture_output=True, text=True, env=env, timeout=600, check=False,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     log = (tmp_path / "logs" / "smoke" / "out.log").read_text()
@@ -213,11 +312,12 @@ def test_embeddings_semantic_dedup_and_decontamination(world, build, tmp_path, c
 
     b2 = tmp_path / "b2"
     capsys.readouterr()
-    stats = run_build(root, b2, "--semdedup=true", "--write_embeddings=true",
+    stats = run_build(root, b2, "--subsets", "pub11", "--semdedup=true",
+                      "--write_embeddings=true",
                       "--decontam", f"scenes={cls}", "--decontam", f"caps={ret}")
     printed = capsys.readouterr().out
     assert stats["input"] == stats["kept"] + stats["rejected"] + stats["duplicates"]
-    assert stats["input"] == first["input"]
+    assert stats["input"] == next(s["input"] for s in first["by_subset"] if s["subset"] == "pub11")
     rejects = [r for r in pq.read_table(str(b2 / "rejects")).to_pylist()
                if r["stage"] == "decontam"]
     got = {r["key"]: r["detail"] for r in rejects}
@@ -232,12 +332,13 @@ def test_embeddings_semantic_dedup_and_decontamination(world, build, tmp_path, c
     for f in sorted(glob.glob(str(b2 / "index" / "pub11-*.parquet"))):
         index2 += pq.read_table(f).to_pylist()
     assert len(index2) == stats["kept"] and all(r["clip_score"] is not None for r in index2)
-    img, txt, meta = load_embeddings(str(b2 / "embeddings"))
+    img, txt, meta = load_embeddings(str(b2 / "embeddings" / "pub11"))
     assert img.shape[0] == txt.shape[0] == meta.num_rows == stats["kept"]
     assert meta["key"].to_pylist() == [r["key"] for r in index2]
     assert meta["shard"].to_pylist() == [r["shard"] for r in index2]
     # stats.json/manifest.json were written after the embeddings parts, and count them
-    parts = glob.glob(str(b2 / "embeddings" / "img_emb" / "*.npy"))
-    assert json.loads((b2 / "manifest.json").read_text())["embedding_parts"] == len(parts)
+    parts = glob.glob(str(b2 / "embeddings" / "pub11" / "img_emb" / "*.npy"))
+    manifest = json.loads((b2 / "subsets" / "pub11" / "manifest.json").read_text())
+    assert manifest["embedding_parts"] == len(parts)
     dups = pq.read_table(str(b2 / "duplicates")).to_pylist()
     assert all(d["similarity"] >= 0.9998 - 1e-6 for d in dups if d["method"] == "semantic")

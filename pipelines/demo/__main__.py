@@ -1,16 +1,25 @@
-"""``python -m pipelines.demo``: build the demo world, or serve it around a command.
+"""``python -m pipelines.demo``: build the demo world, serve it, build a corpus from it.
 
     python -m pipelines.demo build --out data/demo [--port 8707] [--seed 0] [--if-missing]
     python -m pipelines.demo serve --out data/demo [--port 8707] -- CMD ARGS...
+    python -m pipelines.demo run --out data/demo [--port 8707] --recipe rs5m -- RECIPE ARGS...
+    python -m pipelines.demo bench-sets --out data/demo
 
 ``build`` writes the world (:func:`pipelines.demo.pub11.build_pub11`; its URLs point at
-``http://127.0.0.1:<port>``) and the tiny models (``DIR/models``, when
-:mod:`pipelines.demo.tiny_models` is available). ``--if-missing`` keeps a world whose
-``world.json`` has the same seed, base URL, parameters and generator version.
+``http://127.0.0.1:<port>``), its captioned folder (:func:`pipelines.demo.local.build_local`)
+and the tiny models (``DIR/models``). ``--if-missing`` keeps a world whose ``world.json`` has
+the same seed, base URL, parameters and generator version.
 
 ``serve`` starts the demo HTTP server on ``DIR/www``, runs ``CMD`` (with
 ``RS_CORPUS_DEMO_BASE_URL`` set), stops the server and exits with ``CMD``'s exit code. Without
 a command it serves until interrupted.
+
+``run`` is ``make build-rs5m`` on the demo world: it serves the world, runs the recipe with
+the flags that point it at the world (:func:`pipelines.demo.recipes.recipe_args`; yours come
+after and win), then scores the build against the world's ground truth.
+
+``bench-sets`` writes the demo benchmark (``DIR/bench``) and the untrained tiny model
+(``DIR/models/tiny-clip``) when missing: what ``make bench`` scores by default.
 """
 
 from __future__ import annotations
@@ -75,6 +84,7 @@ def cmd_build(args: argparse.Namespace) -> int:
     out = args.out
     base_url = base_url_for(args.port)
     params = {"n_rs": args.n_rs, "n_non_rs": args.n_non_rs, "n_probe": args.n_probe}
+    params["n_local"] = args.n_local
     fresh = args.if_missing and world_is_current(out, args.seed, base_url, params)
     if fresh:
         log.info("demo world in %s is current (seed %d, %s): kept", out, args.seed, base_url)
@@ -82,13 +92,21 @@ def cmd_build(args: argparse.Namespace) -> int:
         os.makedirs(out, exist_ok=True)
         log.info("building the demo world in %s (seed %d, %s)", out, args.seed, base_url)
         summary = build_pub11(out, base_url, args.seed, args.n_rs, args.n_non_rs,
-                              n_probe=args.n_probe)
+                              n_probe=args.n_probe, extra_params={"n_local": args.n_local})
         print(f"demo world: {out}")
         print(f"  rows: {summary['rows']} {summary['rows_by_source']}")
         print(f"  expected: {summary['expected']}; aerial images: {summary['is_rs']}")
         print(f"  planted cases: {len(summary['planted'])} kinds, "
               f"{sum(summary['planted'].values())} rows; image files: {summary['image_files']}")
         print(f"  probe: {summary['probe']}")
+        from pipelines.demo.local import build_local
+
+        try:
+            local = build_local(out, args.seed, args.n_local)
+        except BaseException:
+            os.remove(os.path.join(out, "world.json"))  # not a finished world
+            raise
+        print(f"  local folder: {local['rows']} table lines ({local['planted']} planted)")
     models_dir = os.path.join(out, "models")
     if fresh and _models_present(models_dir):
         log.info("tiny models in %s are present: kept", models_dir)
@@ -169,6 +187,55 @@ def cmd_serve(args: argparse.Namespace) -> int:
         server.stop()
 
 
+def _flag_value(args: list[str], flag: str) -> str | None:
+    """The last value of ``--flag V`` / ``--flag=V`` in ``args`` (argparse: the last wins)."""
+    value = None
+    for i, a in enumerate(args):
+        if a == flag and i + 1 < len(args):
+            value = args[i + 1]
+        elif a.startswith(flag + "="):
+            value = a.split("=", 1)[1]
+    return value
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from pipelines.demo.recipes import recipe_args
+
+    extra = list(args.args)
+    if extra and extra[0] == "--":
+        extra = extra[1:]
+    if not os.path.isfile(os.path.join(args.out, "world.json")):
+        log.error("no demo world in %s: build it first (python -m pipelines.demo build --out %s)",
+                  args.out, args.out)
+        return 2
+    argv = recipe_args(args.out, args.recipe) + extra
+    output = _flag_value(argv, "--output") or f"out/{args.recipe}"
+    if _flag_value(argv, "--output") is None:
+        argv += ["--output", output]
+    serve = argparse.Namespace(out=args.out, port=args.port,
+                               cmd=[sys.executable, "-m", f"pipelines.recipes.{args.recipe}",
+                                    *argv])
+    rc = cmd_serve(serve)
+    if rc == 0 and os.path.isfile(os.path.join(output, "stats.json")):
+        from pipelines.demo import scoring
+
+        print(scoring.report(output, args.out))
+    return rc
+
+
+def cmd_bench_sets(args: argparse.Namespace) -> int:
+    from pipelines.demo.benchmarks import ensure_demo_benchmarks
+
+    ensure_demo_benchmarks(os.path.join(args.out, "bench"), args.seed)
+    clip = os.path.join(args.out, "models", TINY_CLIP_DIR)
+    if not (os.path.isdir(clip) and os.listdir(clip)):
+        from pipelines.demo.tiny_models import build_tiny_clip
+
+        build_tiny_clip(clip, seed=args.seed)
+    print(f"demo benchmark: {os.path.join(args.out, 'bench')}; baseline model: {clip}")
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m pipelines.demo", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -185,6 +252,8 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--n-rs", type=int, default=240, help="clean aerial rows")
     b.add_argument("--n-non-rs", type=int, default=120, help="everyday-photo rows")
     b.add_argument("--n-probe", type=int, default=150, help="probe images per class")
+    b.add_argument("--n-local", type=int, default=30, help="clean images of the captioned "
+                   "folder (local/)")
     b.set_defaults(func=cmd_build)
 
     s = sub.add_parser("serve", help="serve DIR/www around a command",
@@ -193,6 +262,20 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, default=DEFAULT_PORT)
     s.add_argument("cmd", nargs=argparse.REMAINDER, help="the command to run (after --)")
     s.set_defaults(func=cmd_serve)
+
+    r = sub.add_parser("run", help="build a corpus from the served world and score it",
+                       usage="python -m pipelines.demo run --out DIR [--port N] "
+                             "[--recipe rs5m] -- RECIPE ARGS...")
+    r.add_argument("--out", required=True, help="world folder, e.g. data/demo")
+    r.add_argument("--port", type=int, default=DEFAULT_PORT)
+    r.add_argument("--recipe", default="rs5m", help="rs5m | local (default %(default)s)")
+    r.add_argument("args", nargs=argparse.REMAINDER, help="the recipe's flags (after --)")
+    r.set_defaults(func=cmd_run)
+
+    bs = sub.add_parser("bench-sets", help="the demo benchmark and the untrained tiny model")
+    bs.add_argument("--out", required=True, help="world folder, e.g. data/demo")
+    bs.add_argument("--seed", type=int, default=0)
+    bs.set_defaults(func=cmd_bench_sets)
     return ap
 
 

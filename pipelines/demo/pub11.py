@@ -50,7 +50,10 @@ from pipelines.demo import scenes
 log = logging.getLogger(__name__)
 
 #: bump whenever the bytes of a generated world change for the same seed
-GENERATOR_VERSION = "rs-corpus-demo-world/1.1"  # 1.1: cropped copies; crop-aware distinctness
+# 1.1: cropped copies; crop-aware distinctness. 1.2: hostile rows (ids, caps, local paths and
+# buckets, metadata and private addresses, drips, WebP bomb, ICO, extreme aspect ratio) and
+# the captioned folder beside (pipelines.demo.local)
+GENERATOR_VERSION = "rs-corpus-demo-world/1.2"
 DEFAULT_BASE_URL = "http://127.0.0.1:8707"
 #: nothing listens on the discard port: connection refused
 DEAD_BASE_URL = "http://127.0.0.1:9"
@@ -112,7 +115,24 @@ PLANTED_KINDS: dict[str, tuple[str, str | None, str | None]] = {
     "exif_rotated": ("kept", None, None),
     "rgba_png": ("kept", None, None),
     "webp": ("kept", None, None),
+    # hostile rows: each must be refused, counted, and must not cost the build its time
+    "duplicate_id": ("rejected", "read", "duplicate_id"),
+    "caption_too_long": ("rejected", "read", "caption_too_long"),
+    "local_path": ("rejected", "fetch", "unsupported_scheme"),
+    "bucket_url": ("rejected", "fetch", "unsupported_scheme"),
+    "metadata_address": ("rejected", "fetch", "address_refused"),
+    "private_redirect": ("rejected", "fetch", "address_refused"),
+    "header_drip": ("rejected", "fetch", "timeout"),
+    "body_drip": ("rejected", "fetch", "timeout"),
+    "webp_bomb": ("rejected", "decode", "decompression_bomb"),
+    "ico_file": ("rejected", "decode", "not_an_image"),
+    "extreme_aspect": ("rejected", "decode", "bad_aspect_ratio"),
 }
+#: a drip sends a byte every this many seconds, under the fetch timeout (the demo's deadline
+#: of 5 s ends it); a WebP of this side decodes into more than the decode byte budget
+DRIP_SECONDS = 0.5
+WEBP_BOMB_SIDE = 8000
+EXTREME_ASPECT = (64, 1_000_000)
 #: how many rows of each planted case (rs_keyword_decoy: n_non_rs // 3 instead)
 PLANTED_COPIES = 2
 
@@ -351,6 +371,60 @@ def _everyday_rows(w: _World, n_non_rs: int) -> list[_Row]:
             row.caption = opts[int(rng.integers(len(opts)))].format(c=colour)
             _set_expect(row, "rs_keyword_decoy")
         rows.append(row)
+    return rows
+
+
+def _hostile_rows(w: _World) -> list[_Row]:
+    """Rows an attacker writes (issue 16): ids that repeat, megabyte captions, local paths
+    and bucket URLs, metadata and private addresses (directly and after a redirect), servers
+    that drip, pictures that decode into gigabytes or are not pictures we decode."""
+    from urllib.parse import quote
+
+    rows: list[_Row] = []
+    B = w.url
+    for k in range(PLANTED_COPIES):
+        img, meta, cap, cls, h = w.planted_scene()
+        name = w.write(f"duplicate_id-{k}.jpg", _encode(img))
+        r = _rs_planted_row(w, "duplicate_id", img, meta, cap, cls, h, name, B(f"/img/{name}"))
+        r.source = "laion2b-en"  # its SAMPLE_ID repeats an earlier row's (_source_table)
+        rows.append(r)
+        img, meta, cap, cls, h = w.planted_scene()
+        name = w.write(f"caption_too_long-{k}.jpg", _encode(img))
+        long = " ".join([cap] * (5000 // len(cap) + 2))
+        rows.append(_rs_planted_row(w, "caption_too_long", img, meta, long, cls, h, name,
+                                    B(f"/img/{name}")))
+        rows.append(_bad_content_row(w, "local_path", ("/proc/self/environ",
+                                                       "file:///etc/passwd")[k]))
+        rows.append(_bad_content_row(w, "bucket_url", ("gs://rs-corpus-demo/img/a.jpg",
+                                                       "s3://rs-corpus-demo/img/b.jpg")[k]))
+        rows.append(_bad_content_row(w, "metadata_address", (
+            "http://169.254.169.254/latest/meta-data/iam/security-credentials/",
+            "http://[fd00:ec2::254]/latest/meta-data/")[k]))
+        target = ("http://10.0.0.1/img/a.jpg", "http://169.254.169.254/latest/meta-data/")[k]
+        rows.append(_bad_content_row(w, "private_redirect",
+                                     B(f"/redirect-to?url={quote(target, safe='')}")))
+        rows.append(_bad_content_row(w, "header_drip",
+                                     B(f"/drip-headers/{DRIP_SECONDS}?id=header_drip-{k}")))
+        img, meta, cap, cls, h = w.planted_scene()
+        name = w.write(f"body_drip-{k}.jpg", _encode(img))
+        rows.append(_rs_planted_row(w, "body_drip", img, meta, cap, cls, h, name,
+                                    B(f"/drip-body/{DRIP_SECONDS}/img/{name}")))
+        buf = io.BytesIO()  # a few dozen bytes that libwebp decodes into ~1 GB
+        Image.new("RGB", (WEBP_BOMB_SIDE, WEBP_BOMB_SIDE), (40 + k, 90, 60)).save(
+            buf, "WEBP", lossless=True, method=0)
+        name = w.write(f"webp_bomb-{k}.webp", buf.getvalue())
+        rows.append(_bad_content_row(w, "webp_bomb", B(f"/img/{name}"), name, WEBP_BOMB_SIDE,
+                                     WEBP_BOMB_SIDE))
+        img, meta, cap, cls, h = w.planted_scene(size=128)
+        buf = io.BytesIO()
+        img.save(buf, "ICO", sizes=[(128, 128)])
+        name = w.write(f"ico_file-{k}.ico", buf.getvalue())
+        r = _rs_planted_row(w, "ico_file", img, meta, cap, cls, None, name, B(f"/img/{name}"))
+        r.phash = None
+        rows.append(r)
+        name = w.write(f"extreme_aspect-{k}.png", decompression_bomb_png(*EXTREME_ASPECT))
+        rows.append(_bad_content_row(w, "extreme_aspect", B(f"/img/{name}"), name,
+                                     *EXTREME_ASPECT))
     return rows
 
 
@@ -619,7 +693,19 @@ def _assign_sources(w: _World, clean: list[_Row], everyday: list[_Row], planted:
     for si, s in enumerate(SOURCES):  # interleave: planted rows are not bunched together
         perm = _rng(w.seed, _S_META, 1 + si).permutation(len(by_source[s]))
         by_source[s] = [by_source[s][int(i)] for i in perm]
+        # a repeated id needs an earlier clean row of its own to repeat: move it after one
+        repeats = [r for r in by_source[s] if r.planted == "duplicate_id"]
+        clean = [i for i, x in enumerate(by_source[s]) if _is_clean(x)]
+        for n, r in enumerate(repeats):
+            if by_source[s].index(r) < clean[n]:
+                by_source[s].remove(r)
+                by_source[s].insert(clean[n], r)
     return by_source
+
+
+def _is_clean(r: _Row) -> bool:
+    """A row a repeated id may repeat: an aerial row that is not itself planted to fail."""
+    return r.is_rs and (not r.planted or PLANTED_KINDS[r.planted][0] != "rejected")
 
 
 def _unique_ids(rng: np.random.Generator, n: int, lo: int, hi: int) -> list[int]:
@@ -649,6 +735,14 @@ def _source_table(w: _World, source: str, rows: list[_Row]) -> pa.Table:
     sim = [round(float(rng.normal(0.33 if r.is_rs else 0.30, 0.025)), 4) for r in rows]
     if source == "laion2b-en":
         ids = _unique_ids(rng, n, 10**9, 4 * 10**9)
+        # a repeated id: the planted row takes the id of a clean RS row earlier in the file
+        # (rows were moved after one in _assign_sources), so that row keeps the key
+        used: set[int] = set()
+        for i, r in enumerate(rows):
+            if r.planted == "duplicate_id":
+                j = max(j for j in range(i) if _is_clean(rows[j]) and j not in used)
+                used.add(j)
+                ids[i] = ids[j]
         lic = ["?" if rng.random() < 0.9 else str(rng.choice(["cc-by", "cc-by-sa", "cc0"]))
                for _ in rows]
         nsfw = ["UNLIKELY" if rng.random() < 0.95 else "UNSURE" for _ in rows]
@@ -784,6 +878,7 @@ def build_pub11(
     n_non_rs: int = 120,
     *,
     n_probe: int = 150,
+    extra_params: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Write the demo PUB11 world into ``out_dir``; returns a summary (also in world.json).
 
@@ -807,7 +902,7 @@ def build_pub11(
 
     clean = _clean_rs_rows(w, n_rs)
     everyday = _everyday_rows(w, n_non_rs)
-    planted = _planted_rows(w)
+    planted = _planted_rows(w) + _hostile_rows(w)
     dups = _duplicate_rows(w, clean)
     by_source = _assign_sources(w, clean, everyday, planted, dups)
 
@@ -866,7 +961,8 @@ def build_pub11(
         "version": GENERATOR_VERSION,
         "seed": seed,
         "base_url": w.base,
-        "params": {"n_rs": n_rs, "n_non_rs": n_non_rs, "n_probe": n_probe},
+        "params": {"n_rs": n_rs, "n_non_rs": n_non_rs, "n_probe": n_probe,
+                   **(extra_params or {})},
         "sources": list(SOURCES),
         "classes": list(scenes.CLASSES),
         "everyday_kinds": list(scenes.EVERYDAY_KINDS),

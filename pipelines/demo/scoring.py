@@ -20,10 +20,31 @@ import duckdb
 from pipelines.stats import _fmt_table, _table
 
 
+def _subsets(output: str) -> set[str]:
+    import json
+
+    try:
+        with open(os.path.join(output, "stats.json"), encoding="utf-8") as f:
+            return set(json.load(f).get("subsets") or [])
+    except (OSError, ValueError):
+        return set()
+
+
 def outcomes(output: str, demo_world: str) -> list[dict[str, Any]]:
-    """Ground-truth rows with the build's outcome, stage and reason added."""
+    """Ground-truth rows of every subset the build holds (``pub11``; ``local`` when built),
+    with the build's outcome, stage and reason added.
+
+    Two rows may share a (source, source_id) (a planted repeated id): each truth row takes
+    the outcome that matches it best, so the pair is scored as one kept and one rejected.
+    When ``local`` was built with ``pub11``, PUB11's copy of the image the folder shares is
+    expected as a duplicate of the folder's (the cross-subset survivor rule)."""
     con = duckdb.connect()
+    built = _subsets(output)
     gt = os.path.join(demo_world, "ground_truth.parquet")
+    truths = [f"SELECT 'pub11' AS subset, *, NULL::VARCHAR AS shared_key FROM read_parquet('{gt}')"]
+    local_truth = os.path.join(demo_world, "local_truth.parquet")
+    if "local" in built and os.path.exists(local_truth):
+        truths.append(f"SELECT 'local' AS subset, * FROM read_parquet('{local_truth}')")
     index = _table(output, "index", "source,source_id,rs_score")
     rejects = _table(output, "rejects", "source,source_id,stage,reason,score")
     dups = _table(output, "duplicates", "source,source_id,stage,method,duplicate_of")
@@ -35,20 +56,32 @@ def outcomes(output: str, demo_world: str) -> list[dict[str, Any]]:
           UNION ALL
           SELECT source, source_id, 'rejected', stage, reason, score FROM {rejects}
           UNION ALL
-          SELECT source, source_id, 'duplicate', stage, method, NULL FROM {dups})
-        SELECT gt.*, got.outcome, got.stage AS got_stage, got.reason AS got_reason,
-               got.score AS got_score
-        FROM read_parquet('{gt}') gt LEFT JOIN got USING (source, source_id)
-        ORDER BY gt.source, gt.row"""
+          SELECT source, source_id, 'duplicate', stage, method, NULL FROM {dups}),
+        truth AS ({" UNION ALL BY NAME ".join(truths)}),
+        joined AS (
+          SELECT truth.*, got.outcome, got.stage AS got_stage, got.reason AS got_reason,
+                 got.score AS got_score,
+                 row_number() OVER (PARTITION BY truth.subset, truth.source, truth.row
+                   ORDER BY (got.outcome = truth.expected) DESC NULLS LAST,
+                            (got.reason = truth.expected_reason) DESC NULLS LAST) AS pick
+          FROM truth LEFT JOIN got USING (source, source_id))
+        SELECT * EXCLUDE (pick) FROM joined WHERE pick = 1
+        ORDER BY subset DESC, source, row"""
     )
     names = [d[0] for d in cur.description]
-    return [dict(zip(names, r, strict=True)) for r in cur.fetchall()]
+    rows = [dict(zip(names, r, strict=True)) for r in cur.fetchall()]
+    shared = {r["shared_key"] for r in rows if r.get("shared_key")}
+    for r in rows:
+        if r["subset"] == "pub11" and r["key"] in shared:
+            r.update(expected="duplicate", expected_stage="dedup", expected_reason="sha256",
+                     planted=r["planted"] or "shared_with_local")
+    return rows
 
 
 def rs_filter_scores(rows: list[dict[str, Any]]) -> dict[str, float]:
     reached = [
-        r for r in rows
-        if r["outcome"] == "kept" or (r["outcome"] == "rejected" and r["got_stage"] == "rs_filter")
+        r for r in rows if r.get("subset", "pub11") == "pub11" and (
+            r["outcome"] == "kept" or (r["outcome"] == "rejected" and r["got_stage"] == "rs_filter"))
     ]
     tp = sum(1 for r in reached if r["outcome"] == "kept" and r["is_rs"])
     fp = sum(1 for r in reached if r["outcome"] == "kept" and not r["is_rs"])
@@ -104,14 +137,15 @@ def report(output: str, demo_world: str) -> str:
         "Demo world: planted cases and where they ended:",
         _fmt_table(["planted", "rows", "expected", "got (outcome:stage/reason)"], per_case),
         "",
-        f"RS filter vs ground truth: precision {s['precision']:.3f}  recall {s['recall']:.3f}  "
-        f"(tp {s['tp']} fp {s['fp']} fn {s['fn']} tn {s['tn']}); "
-        f"non-RS keyword hits rejected: {s['non_rs_rejected']:.1%}",
+        (f"RS filter vs ground truth: precision {s['precision']:.3f}  "
+         f"recall {s['recall']:.3f}  (tp {s['tp']} fp {s['fp']} fn {s['fn']} tn {s['tn']}); "
+         f"non-RS keyword hits rejected: {s['non_rs_rejected']:.1%}"),
         f"Rows not where the ground truth expects them: {len(bad)}",
     ]
     for r in bad[:20]:
         lines.append(
-            f"  {r['source']}:{r['source_id']} planted={r['planted']} expected={r['expected']}"
+            f"  {r['subset']}/{r['source']}:{r['source_id']} planted={r['planted']} "
+            f"expected={r['expected']}"
             f"/{r['expected_stage']} got={r['outcome']}/{r['got_stage']}/{r['got_reason']}"
         )
     return "\n".join(lines)
