@@ -66,6 +66,7 @@ endif
 
 train: OUTPUT = out/train
 train: $(STAMP)
+	@$(PY) -m trainer.data $(DATA)
 	$(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC) -m trainer.train \
 	  --data $(DATA) --output $(OUTPUT) $(ARGS)
 

@@ -51,3 +51,19 @@ def demo_server(demo_root: Path) -> Iterator[DemoServer]:
     """A fresh DemoServer (fresh request counters) on an ephemeral 127.0.0.1 port."""
     with DemoServer(demo_root) as srv:
         yield srv
+
+
+@pytest.fixture
+def load_spy(monkeypatch):
+    """Records every pixel decode (ImageFile.load) so tests can prove none happened."""
+    from PIL import ImageFile
+
+    calls = []
+    real = ImageFile.ImageFile.load
+
+    def spy(self):
+        calls.append(self.size)
+        return real(self)
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", spy)
+    return calls

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
-from PIL import Image, ImageFile
+from PIL import Image
 from PIL.JpegImagePlugin import JpegImageFile
 
 from pipelines.records import REJECTS, Reject
@@ -317,20 +317,6 @@ def test_only_configured_formats_are_decoded(smooth_image):
     assert isinstance(got, Reject) and got.reason == "not_an_image"
     got = normalise_image(data, ImageConfig(formats=("JPEG", "PCX")))
     assert isinstance(got, NormalisedImage) and got.width == 256
-
-
-@pytest.fixture
-def load_spy(monkeypatch):
-    """Records every pixel decode (ImageFile.load) so tests can prove none happened."""
-    calls = []
-    real = ImageFile.ImageFile.load
-
-    def spy(self):
-        calls.append(self.size)
-        return real(self)
-
-    monkeypatch.setattr(ImageFile.ImageFile, "load", spy)
-    return calls
 
 
 @pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")

@@ -18,7 +18,7 @@ import zlib
 
 import numpy as np
 import pytest
-from PIL import Image, ImageFile
+from PIL import Image
 
 from pipelines import image_guard
 from pipelines.image_guard import ImageRefused, open_image, open_rgb
@@ -64,20 +64,6 @@ def rle_tga(w: int, h: int) -> bytes:
     if w % 128:
         row += bytes([0x80 | (w % 128 - 1), 40, 80, 120])
     return header + row * h
-
-
-@pytest.fixture
-def load_spy(monkeypatch):
-    """Records every pixel decode (ImageFile.load) so tests can prove none happened."""
-    calls = []
-    real = ImageFile.ImageFile.load
-
-    def spy(self):
-        calls.append(self.size)
-        return real(self)
-
-    monkeypatch.setattr(ImageFile.ImageFile, "load", spy)
-    return calls
 
 
 @pytest.fixture

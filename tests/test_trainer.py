@@ -162,6 +162,18 @@ def test_data_that_names_nothing_says_what_to_run(spec, tmp_path, monkeypatch):
         expand_urls("empty")
 
 
+def test_make_train_checks_the_data_in_one_line(corpus, capsys):
+    """What make train runs before torchrun: one line, not a traceback per rank."""
+    from trainer.data import main
+
+    assert main(["nowhere/out/rs5m"]) == 2
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1 and "make build-rs5m" in out[0]
+    assert main([str(corpus)]) == 0
+    out = capsys.readouterr().out
+    assert "3 shards" in out and "64 samples" in out
+
+
 def test_random_caption_choice_uses_every_caption_and_resumes_exactly(corpus):
     """Any three visits of a sample train on its three captions; a resumed stream picks the
     same caption at every position as the uninterrupted one."""

@@ -465,3 +465,26 @@ class DataState:
         self.errors_before = int(sd.get("n_errors", 0))
         self.n_over_context = int(sd.get("n_over_context", 0))
         self.n_captions = int(sd.get("n_captions", 0))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m trainer.data SPEC``: check that ``SPEC`` names readable shards (what
+    ``make train`` runs before starting torchrun), in one line either way."""
+    import sys
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    if len(args) != 1:
+        print("usage: python -m trainer.data SHARDS (a build folder, glob, brace range...)")
+        return 2
+    try:
+        urls = expand_urls(args[0])
+    except (FileNotFoundError, ValueError) as e:
+        print(f"train: {e}")
+        return 2
+    n = dataset_size(urls)
+    print(f"train: {len(urls)} shards in {args[0]}" + (f", {n} samples" if n is not None else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

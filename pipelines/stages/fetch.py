@@ -889,21 +889,26 @@ def _fetch_local(path: str, cfg: FetchConfig, deadline: float) -> bytes | Reject
                                                "allowed path prefixes")
         if st.st_size > cfg.max_bytes:
             return _reject("too_large", f"file exceeds max_bytes {cfg.max_bytes}")
-        parts, total = [], 0
-        while chunk := os.read(fd, min(_FILE_CHUNK, cfg.max_bytes + 1 - total)):
-            parts.append(chunk)
-            total += len(chunk)
-            if total > cfg.max_bytes:
-                return _reject("too_large", f"file exceeds max_bytes {cfg.max_bytes}")
-            if time.monotonic() > deadline:
-                return _reject("timeout", f"deadline {cfg.deadline}s passed while reading "
-                                          f"{path}")
+        return _read_capped(lambda n: os.read(fd, n), path, cfg, deadline)
     except OSError as e:
         return _reject("read_error", f"{path}: {type(e).__name__}: {e}")
     finally:
         os.close(fd)
+
+
+def _read_capped(read: Callable[[int], bytes], what: str, cfg: FetchConfig, deadline: float
+                 ) -> bytes | Reject:
+    """Everything ``read(n)`` gives, in chunks, under the byte cap and the deadline."""
+    parts, total = [], 0
+    while chunk := read(min(_FILE_CHUNK, cfg.max_bytes + 1 - total)):
+        parts.append(chunk)
+        total += len(chunk)
+        if total > cfg.max_bytes:
+            return _reject("too_large", f"file exceeds max_bytes {cfg.max_bytes}")
+        if time.monotonic() > deadline:
+            return _reject("timeout", f"deadline {cfg.deadline}s passed while reading {what}")
     if not total:
-        return _reject("empty_body", f"{path} is empty")
+        return _reject("empty_body", f"{what} is empty")
     return b"".join(parts)
 
 
@@ -929,24 +934,13 @@ def _fetch_bucket(url: str, scheme: str, cfg: FetchConfig, deadline: float) -> b
     try:
         # UNCOMPRESSED: a ``.gz`` image is bytes to hand on, not something to inflate.
         with FileSystems.open(norm, compression_type=CompressionTypes.UNCOMPRESSED) as f:
-            parts, total = [], 0
-            while chunk := f.read(min(_FILE_CHUNK, cfg.max_bytes + 1 - total)):
-                parts.append(chunk)
-                total += len(chunk)
-                if total > cfg.max_bytes:
-                    return _reject("too_large", f"file exceeds max_bytes {cfg.max_bytes}")
-                if time.monotonic() > deadline:
-                    return _reject("timeout", f"deadline {cfg.deadline}s passed while "
-                                              f"reading {norm}")
+            return _read_capped(f.read, norm, cfg, deadline)
     except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as e:
         return _reject("file_not_found", f"{type(e).__name__}: {e}")
     except Exception as e:  # noqa: BLE001 — Beam wraps I/O errors in its own types
         if not FileSystems.exists(norm):
             return _reject("file_not_found", f"{norm}: {type(e).__name__}: {e}")
         return _reject("read_error", f"{norm}: {type(e).__name__}: {e}")
-    if not total:
-        return _reject("empty_body", f"{norm} is empty")
-    return b"".join(parts)
 
 
 def _has_beam_filesystem(url: str) -> bool:
