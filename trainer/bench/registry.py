@@ -76,7 +76,7 @@ KNOWN: dict[str, DatasetSpec] = {s.name: s for s in [
     DatasetSpec("RemoteCount", "counting", "RemoteCount", published="RemoteCount"),
     # semantic localisation, AIR-SLT style
     DatasetSpec("AIR-SLT", "selo", "AIR-SLT", published="AIR-SLT"),
-    # the demo benchmark (pipelines/demo/benchmarks.py), generated when missing
+    # the demo benchmark (pipelines/demo/benchmarks.py; `make bench` writes it first)
     DatasetSpec("demo-scenes", "classification", "scenes", split="split.json",
                 prompts=("remoteclip", "georsclip"),
                 note="held-out demo scenes, 13 classes; zero-shot on the test split"),
