@@ -75,6 +75,10 @@ def test_accounting_holds_per_subset_and_matches_the_input(world, build):
     for s in ("local", "pub11"):
         sub = json.loads((out / "subsets" / s / "stats.json").read_text())
         assert (sub["input"], sub["kept"]) == (per[s]["input"], per[s]["kept"])
+    heads = json.loads((out / "manifest.json").read_text())["heads"]
+    assert heads["pub11"]["stages"] == ["Read", "Keywords", "UniqueIds", "UrlDedup",
+                                        "FetchDecode", "Dedup", "RSFilter"]
+    assert heads["local"]["priority"] < heads["pub11"]["priority"]
 
 
 def test_every_row_lands_where_the_ground_truth_says(world, build):

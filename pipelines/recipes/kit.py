@@ -579,9 +579,13 @@ def compose(p: beam.Pipeline, recipe: Recipe, heads: Sequence[Head], cfg: dict[s
         return [o[name] for o in outs] | f"Together[{name}]" >> beam.Flatten()
 
     content_dedup = len(heads) > 1 or not all(h.dedups_content for h in heads)
+    manifest = recipe.manifest(cfg, runner, subsets)
+    manifest["heads"] = {
+        h.subset_name(cfg): {"title": h.title, "priority": h.priority,
+                             "caption_kinds": list(h.caption_kinds), "stages": b.stages}
+        for h, b in zip(heads, branches, strict=True)}
     return {name: together(name) for name in ("inputs", "records", "rejects", "duplicates")} \
-        | "Tail" >> SharedTail(cfg, recipe.name, subsets,
-                               recipe.manifest(cfg, runner, subsets), content_dedup)
+        | "Tail" >> SharedTail(cfg, recipe.name, subsets, manifest, content_dedup)
 
 
 def parse(recipe: Recipe, argv: Sequence[str] | None) -> tuple[dict[str, Any], list[str]]:
