@@ -91,6 +91,7 @@ def build_local(out_dir: str, seed: int = 0, n: int = 30) -> dict[str, Any]:
     """Write the captioned folder and its truth into ``out_dir`` (a built PUB11 world)."""
     from pipelines.demo.pub11 import _hashes
     from pipelines.records import make_key
+    from pipelines.sources.folder import safe_relpath
 
     folder = os.path.join(out_dir, FOLDER)
     shutil.rmtree(folder, ignore_errors=True)
@@ -102,8 +103,6 @@ def build_local(out_dir: str, seed: int = 0, n: int = 30) -> dict[str, Any]:
     def add(line: Any, **t: Any) -> None:
         row = len(lines)
         lines.append(line)
-        from pipelines.sources.folder import safe_relpath
-
         name = line.get("file_name") if isinstance(line, dict) else None
         sid = (safe_relpath(name) if name else None) or f"line {row + 1}"
         kind = t.pop("planted", None)

@@ -17,17 +17,7 @@ from typing import Any
 
 import duckdb
 
-from pipelines.stats import _fmt_table, _table
-
-
-def _subsets(output: str) -> set[str]:
-    import json
-
-    try:
-        with open(os.path.join(output, "stats.json"), encoding="utf-8") as f:
-            return set(json.load(f).get("subsets") or [])
-    except (OSError, ValueError):
-        return set()
+from pipelines.stats import _fmt_table, _table, subsets_of
 
 
 def outcomes(output: str, demo_world: str) -> list[dict[str, Any]]:
@@ -39,7 +29,7 @@ def outcomes(output: str, demo_world: str) -> list[dict[str, Any]]:
     When ``local`` was built with ``pub11``, PUB11's copy of the image the folder shares is
     expected as a duplicate of the folder's (the cross-subset survivor rule)."""
     con = duckdb.connect()
-    built = _subsets(output)
+    built = set(subsets_of(output))
     gt = os.path.join(demo_world, "ground_truth.parquet")
     truths = []
     if "pub11" in built or not built:

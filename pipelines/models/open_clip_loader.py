@@ -252,7 +252,7 @@ def load_open_clip(
     register_configs()
 
     model_dir = resolve_model_dir(model)
-    _refuse_hub_config(model_config(model), model, model_dir)
+    _refuse_hub_config(_config_of(model, model_dir) or {}, model, model_dir)
     common = {
         "precision": precision,
         "device": dev,
@@ -305,14 +305,19 @@ def model_config(model: str) -> dict:
     register_configs()
     if _is_filesystem_path(model.removeprefix(LOCAL_DIR_PREFIX)):
         model = localize(model.removeprefix(LOCAL_DIR_PREFIX))
-    d = resolve_model_dir(model)
-    if d is not None:
-        cfg = json.loads((d / CONFIG_NAME).read_text())
-        return cfg.get("model_cfg", cfg)
-    cfg = open_clip.get_model_config(model)
+    cfg = _config_of(model, resolve_model_dir(model))
     if cfg is None:
         raise ValueError(f"unknown model {model!r}")
     return cfg
+
+
+def _config_of(model: str, model_dir: Path | None) -> dict | None:
+    """The ``model_cfg`` of a resolved model directory, or of an architecture name (None if
+    open_clip does not know it)."""
+    if model_dir is not None:
+        cfg = json.loads((model_dir / CONFIG_NAME).read_text())
+        return cfg.get("model_cfg", cfg)
+    return open_clip.get_model_config(model)
 
 
 def input_dtype(net: torch.nn.Module) -> torch.dtype:

@@ -23,7 +23,7 @@ import pyarrow as pa
 from apache_beam.io.filesystems import FileSystems
 
 import schemas
-from pipelines.sinks.shards import join, parquet_bytes, shard_name
+from pipelines.sinks.shards import join, matching, parquet_bytes, shard_name
 
 IMAGE_FIELD = "_img_emb"
 TEXT_FIELD = "_txt_emb"
@@ -58,8 +58,7 @@ def subset_parts(folder: str, subset: str) -> list[str]:
     """The files of ``subset``'s part of the embeddings folder ``folder``."""
     found = []
     for d, ext in (("img_emb", "npy"), ("text_emb", "npy"), ("metadata", "parquet")):
-        found += [m.path for m in FileSystems.match([join(folder, subset, d, f"{d}_*.{ext}")])[0]
-                  .metadata_list]
+        found += matching(join(folder, subset, d, f"{d}_*.{ext}"))
     return sorted(found)
 
 
@@ -70,14 +69,13 @@ def load_embeddings(folder: str) -> tuple[np.ndarray, np.ndarray, pa.Table]:
 
     subsets = sorted({m.path.rstrip("/").split("/")[-3] for m in FileSystems.match(
         [join(folder, "*", "img_emb", "img_emb_*.npy")])[0].metadata_list})
-    if subsets and not FileSystems.match([join(folder, "img_emb", "*")])[0].metadata_list:
+    if subsets and not matching(join(folder, "img_emb", "*")):
         loaded = [load_embeddings(join(folder, s)) for s in subsets]
         return (np.concatenate([x[0] for x in loaded]), np.concatenate([x[1] for x in loaded]),
                 pa.concat_tables([x[2] for x in loaded]))
 
     def parts(d: str, ext: str) -> list[str]:
-        found = [m.path for m in FileSystems.match([join(folder, d, f"{d}_*.{ext}")])[0]
-                 .metadata_list]
+        found = matching(join(folder, d, f"{d}_*.{ext}"))
         return sorted(found, key=lambda p: int(p.rsplit("_", 1)[1].split(".")[0]))
 
     def npy(p: str) -> np.ndarray:

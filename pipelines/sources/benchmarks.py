@@ -30,6 +30,8 @@ from typing import Any
 
 from apache_beam.io.filesystems import FileSystems
 
+from pipelines.sinks.shards import join, matching
+
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp", ".gif")
 TASKS = ("classification", "retrieval", "counting", "selo")
 
@@ -44,10 +46,6 @@ def is_image(path: str) -> bool:
 
 def _remote(path: str) -> bool:
     return "://" in path
-
-
-def join(base: str, *parts: str) -> str:
-    return FileSystems.join(base, *parts) if _remote(base) else posixpath.join(base, *parts)
 
 
 def dirname(path: str) -> str:
@@ -92,20 +90,16 @@ def inside(root: str, rel: str, what: str = "path") -> str:
     return path
 
 
-def _list(pattern: str) -> list[str]:
-    return sorted(m.path for m in FileSystems.match([pattern])[0].metadata_list)
-
-
 def _subdirs(root: str) -> list[str]:
     """Names of the folders directly under ``root``."""
     if _remote(root):
         prefix = root.rstrip("/") + "/"
-        return sorted({p[len(prefix):].split("/", 1)[0] for p in _list(prefix + "*/*")})
+        return sorted({p[len(prefix):].split("/", 1)[0] for p in matching(prefix + "*/*")})
     return sorted(d.name for d in os.scandir(root) if d.is_dir())
 
 
 def _images_in(folder: str) -> list[str]:
-    return [p for p in _list(join(folder, "*")) if is_image(p)]
+    return [p for p in matching(join(folder, "*")) if is_image(p)]
 
 
 def find_json(root: str) -> str:
@@ -113,7 +107,7 @@ def find_json(root: str) -> str:
     if root.lower().endswith(".json"):
         return root
     for pat in ("dataset*.json", "*.json"):
-        hits = _list(join(root, pat))
+        hits = matching(join(root, pat))
         if hits:
             return hits[0]
     raise FileNotFoundError(f"no JSON annotation file in {root}")
@@ -124,7 +118,7 @@ def guess_task(root: str) -> str:
     root = str(root)
     if not root.lower().endswith(".json"):
         subdirs = [d for d in _subdirs(root) if d not in ("images", "imgs")]
-        jsons = _list(join(root, "*.json"))
+        jsons = matching(join(root, "*.json"))
         if jsons and not any(_images_in(join(root, d)) for d in subdirs):
             return guess_task(jsons[0])
         return "classification"
@@ -249,12 +243,12 @@ def benchmark_images(path: str) -> list[tuple[str, str]]:
     json_path, _, image_dir = str(path).partition("::")
     if not json_path.lower().endswith(".json"):
         root = json_path.rstrip("/")
-        jsons = _list(join(root, "*.json"))
+        jsons = matching(join(root, "*.json"))
         if len(jsons) == 1:
             json_path = jsons[0]
         else:
-            found = [p for p in _list(join(root, "*", "*")) if is_image(p)]
-            found += [p for p in _list(join(root, "*")) if is_image(p)]
+            found = [p for p in matching(join(root, "*", "*")) if is_image(p)]
+            found += [p for p in matching(join(root, "*")) if is_image(p)]
             if not found:
                 raise FileNotFoundError(
                     f"no benchmark images under {path} (class folders or a JSON)")

@@ -55,6 +55,7 @@ from apache_beam.io.filesystems import FileSystems
 
 import schemas
 from pipelines.records import MAIN, REJECTS, Reject, make_key, reject_row
+from pipelines.sinks.shards import join
 from pipelines.sources.laion import MAX_CAPTION_CHARS, MAX_EXTRA_BYTES, _jsonable
 
 STAGE = "read"
@@ -69,10 +70,6 @@ IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff", ".bmp", ".gif",
 DEFAULT_KIND = "human"
 
 
-def _join(root: str, rel: str) -> str:
-    return FileSystems.join(root, rel) if "://" in root else posixpath.join(root, rel)
-
-
 def _pick(row: dict[str, Any], names: tuple[str, ...]) -> str | None:
     lowered = {str(k).lower(): k for k in row}
     for n in names:
@@ -84,7 +81,7 @@ def _pick(row: dict[str, Any], names: tuple[str, ...]) -> str | None:
 def find_table(root: str) -> str | None:
     """The caption table of ``root`` (see the module docstring), or None for .txt captions."""
     for name in TABLE_NAMES:
-        path = _join(root, name)
+        path = join(root, name)
         if FileSystems.exists(path):
             return path
     return None
@@ -146,7 +143,7 @@ def row_to_record(row: Any, *, root: str, subset: str, source: str, order: str,
     raw_id = row.get(id_col) if id_col else None
     rel = safe_relpath(raw_path)
     source_id = str(raw_id) if raw_id not in (None, "") else (rel or fallback_id)
-    record = _base(subset, source, source_id, _join(root, rel) if rel else None, order)
+    record = _base(subset, source, source_id, join(root, rel) if rel else None, order)
     used = {c for c in (path_col, id_col, _pick(row, CAPTION_NAMES), _pick(row, ("captions",)),
                         _pick(row, LAT_NAMES), _pick(row, LON_NAMES), _pick(row, ("license",)),
                         _pick(row, ("caption_kind",))) if c}
@@ -272,7 +269,7 @@ def txt_rows(root: str) -> Iterator[tuple[str, Any]]:
         txt = stem + ".txt"
         captions = None
         if txt in present:
-            captions = [ln for ln in _open_text(_join(root, txt)).splitlines() if ln.strip()]
+            captions = [ln for ln in _open_text(join(root, txt)).splitlines() if ln.strip()]
         yield rel, {"file_name": rel, "captions": captions}
 
 
