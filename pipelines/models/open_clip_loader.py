@@ -399,3 +399,39 @@ def encode_images(
         return (e0, np.zeros((0, 0), np.float32)) if token_stats else e0
     emb = np.concatenate(embs, axis=0)
     return (emb, np.concatenate(stats, axis=0)) if token_stats else emb
+
+
+def load_tokenizer(model: str) -> tuple[Any, int]:
+    """(tokenizer, context length) of an architecture name or local model directory, without
+    building the model or reading its weights: for stages that only count or encode text.
+
+    ``model`` takes the shapes ``load_open_clip`` takes for its first argument (a name, a
+    directory, ``local-dir:DIR``, or a directory on a Beam filesystem, copied once per process
+    like the weights would be, so a later ``load_open_clip`` reuses the copy) and is refused
+    the same way: hub names, URLs, and configs whose tokenizer open_clip would download. The
+    context length is the tokenizer's (the config's ``text_cfg.context_length``, 77 for CLIP).
+    """
+    if not isinstance(model, str) or not model:
+        raise ValueError("model must be an open_clip architecture name or a local directory")
+    _refuse_remote("model", model)
+    if model.startswith(LOCAL_DIR_PREFIX):
+        model = LOCAL_DIR_PREFIX + localize(model[len(LOCAL_DIR_PREFIX):])
+    else:
+        model = localize(model)
+    register_configs()
+    model_dir = resolve_model_dir(model)
+    _refuse_hub_config(_config_of(model, model_dir) or {}, model, model_dir)
+    if model_dir is not None:
+        tokenizer = open_clip.get_tokenizer(f"{LOCAL_DIR_PREFIX}{model_dir}")
+    else:
+        if model.replace("/", "-") not in open_clip.list_models():
+            raise ValueError(
+                f"unknown model {model!r}: neither a local open_clip model directory nor an "
+                f"architecture name (ours: {sorted(p.stem for p in CONFIG_DIR.glob('*.json'))}; "
+                "open_clip's: open_clip.list_models())"
+            )
+        tokenizer = open_clip.get_tokenizer(model)
+    context_length = int(getattr(tokenizer, "context_length", 0) or 0)
+    if context_length <= 0:
+        raise ValueError(f"the tokenizer of {model!r} has no context length")
+    return tokenizer, context_length
