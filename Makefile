@@ -20,7 +20,7 @@ DATA       ?= out/rs5m
 NPROC      ?= 1
 CHECKPOINT ?= out/train/checkpoints/latest.pt
 
-.PHONY: help venv demo build-rs5m build-local stats train bench lint test perf perf-ingest perf-dedup perf-train clean
+.PHONY: help venv demo build-rs5m build-local stats train bench lint test perf perf-ingest perf-dedup perf-train perf-caption clean
 
 help:
 	@echo "make build-rs5m RUNNER=DirectRunner [INPUT=glob] [OUTPUT=dir] [ARGS='...']"
@@ -30,6 +30,7 @@ help:
 	@echo "make bench [CHECKPOINT=out/train/checkpoints/latest.pt] [OUTPUT=out/bench] [ARGS='...']"
 	@echo "make test                  the test suite"
 	@echo "make perf-ingest           fetch+resize+shard throughput vs img2dataset"
+	@echo "make perf-caption          captioning images/s vs one-image-per-generate fp32"
 	@echo "make demo                  (re)generate the demo world and tiny models in $(DEMO)"
 
 venv: $(STAMP)
@@ -88,7 +89,7 @@ test: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q $(ARGS)
 
-perf: perf-ingest perf-dedup perf-train
+perf: perf-ingest perf-dedup perf-train perf-caption
 
 perf-ingest: $(STAMP)
 	$(PY) -m pipelines.perf.ingest $(ARGS)
@@ -98,6 +99,9 @@ perf-dedup: $(STAMP)
 
 perf-train: $(STAMP)
 	$(PY) -m trainer.perf $(ARGS)
+
+perf-caption: $(STAMP)
+	$(PY) -m pipelines.perf.caption $(ARGS)
 
 clean:
 	rm -rf out data

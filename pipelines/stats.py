@@ -163,13 +163,40 @@ def reason_table(output: str, subset: str | None = None) -> list[tuple[str, str,
     ).fetchall()
 
 
-def caption_token_lengths(output: str) -> np.ndarray:
+def caption_token_lengths(output: str) -> dict[tuple[str, str], np.ndarray]:
+    """Training-caption lengths in CLIP tokens, start and end tokens counted, per
+    (subset, source): the build's own count (``caption_tokens``, from the tokenizer of its CLIP
+    model) where a row has one, else open_clip's BPE tokenizer (the trainer's default)."""
     from open_clip.tokenizer import _tokenizer
 
     con = duckdb.connect()
-    index = _table(output, "index", "source,caption")
-    captions = [r[0] for r in con.execute(f"SELECT caption FROM {index}").fetchall()]
-    return np.array([len(_tokenizer.encode(c)) for c in captions], dtype=np.int64)
+    index = _table(output, "index", "subset,source,caption,caption_tokens")
+    out: dict[tuple[str, str], list[int]] = {}
+    for subset, source, caption, tokens in con.execute(
+            f"SELECT subset, source, caption, caption_tokens FROM {index} "
+            "ORDER BY subset, source").fetchall():
+        n = tokens if tokens is not None else len(_tokenizer.encode(caption)) + 2
+        out.setdefault((subset, source), []).append(int(n))
+    return {k: np.array(v, dtype=np.int64) for k, v in out.items()}
+
+
+def caption_length_table(output: str, context_length: int = 77
+                         ) -> tuple[list[str], list[list]]:
+    """Per subset and source: caption-token quantiles and the share over the context."""
+    header = ["subset", "source", "n", "mean", "p5", "p50", "p95", "max",
+              f"> {context_length} ctx"]
+    rows = []
+    by_source = caption_token_lengths(output)
+    everything = [a for a in by_source.values()]
+    items = list(by_source.items())
+    if len(items) > 1:
+        items.append((("ALL", ""), np.concatenate(everything)))
+    for (subset, source), a in items:
+        q = np.percentile(a, [5, 50, 95]).round(1)
+        over = float((a > context_length).mean() * 100)
+        rows.append([subset, source, len(a), round(float(a.mean()), 1), *q, int(a.max()),
+                     f"{over:.1f}%"])
+    return header, rows
 
 
 def _fmt_table(header: list[str], rows: list[list]) -> str:
@@ -205,19 +232,10 @@ def report(output: str, context_length: int = 77) -> str:
             out += [f"Subset {subset}: rejects and duplicates by reason:",
                     _fmt_table(["outcome", "stage", "reason", "count"],
                                [list(r) for r in reasons]), ""]
-    lengths = caption_token_lengths(output)
-    if len(lengths):
-        q = np.percentile(lengths, [5, 25, 50, 75, 95]).round(1)
-        over = float((lengths > context_length - 2).mean() * 100)
-        out += [
-            "Caption length in CLIP tokens (kept samples):",
-            _fmt_table(
-                ["n", "mean", "p5", "p25", "p50", "p75", "p95", "max",
-                 f"> {context_length} ctx"],
-                [[len(lengths), round(float(lengths.mean()), 1), *q, int(lengths.max()),
-                  f"{over:.1f}%"]],
-            ),
-        ]
+    header, rows = caption_length_table(output, context_length)
+    if rows:
+        out += ["Training-caption length in CLIP tokens, start/end included (kept samples):",
+                _fmt_table(header, rows)]
     return "\n".join(out)
 
 

@@ -11,14 +11,17 @@ nullable column is backwards compatible and only bumps the minor part. Readers r
 
 History: 1.0 the PUB11 contract; 1.1 ``utm_zone``, ``caption_kind`` values named for every
 recipe (``web`` replaces ``alt_text``), ``stats.json`` per subset plus a merged document
-(``subsets``, ``by_subset``, ``subset`` on every count).
+(``subsets``, ``by_subset``, ``subset`` on every count); 1.2 the RS3 columns: place
+(``city``/``region``/``country``), ``season``, ``cloud_cover``, ``off_nadir_deg``,
+``target_position``, and the generated captions (``generated``, ``generated_scores``,
+``generated_pick``), ``meta_caption``, ``meta_dropped``, ``caption_tokens``.
 """
 
 from __future__ import annotations
 
 import pyarrow as pa
 
-SCHEMA_VERSION = "1.1"
+SCHEMA_VERSION = "1.2"
 METADATA_KEY = b"rs_corpus.schema"
 
 #: what wrote a sample's ``caption``/``captions`` (``caption_kind``)
@@ -57,6 +60,17 @@ SAMPLE_FIELDS = [
     pa.field("caption", pa.string(), nullable=False),  # the primary caption ({key}.txt)
     pa.field("caption_kind", pa.string(), nullable=False),  # one of CAPTION_KINDS
     pa.field("captions", pa.list_(pa.string())),  # every candidate caption, primary first
+    # the primary caption's length in the CLIP tokenizer's tokens, start/end included (RS3)
+    pa.field("caption_tokens", pa.int32()),
+    # generated captions (RS3's BLIP-2): the candidates in generation order (the first is the
+    # top by generation), each one's rotation-invariant CLIP score, and the picked one's index
+    pa.field("generated", pa.list_(pa.string())),
+    pa.field("generated_scores", pa.list_(pa.float32())),
+    pa.field("generated_pick", pa.int32()),
+    # the metadata sentence placed before the generated caption, as fitted to the context, and
+    # the metadata fields dropped to make it fit (in the order dropped)
+    pa.field("meta_caption", pa.string()),
+    pa.field("meta_dropped", pa.list_(pa.string())),
     # image as written to the shard, and as it arrived
     pa.field("width", pa.int32()),
     pa.field("height", pa.int32()),
@@ -75,6 +89,15 @@ SAMPLE_FIELDS = [
     pa.field("gsd_m", pa.float32()),  # ground sample distance, metres per pixel
     pa.field("utm_zone", pa.string()),  # e.g. "33N"
     pa.field("acquired", pa.string()),  # ISO 8601 date or timestamp
+    pa.field("season", pa.string()),  # spring | summer | autumn | winter, hemisphere-aware
+    # place by offline reverse geocoding: the nearest town only within a stated radius
+    pa.field("city", pa.string()),
+    pa.field("region", pa.string()),
+    pa.field("country", pa.string()),
+    pa.field("cloud_cover", pa.float32()),  # percent of the image
+    pa.field("off_nadir_deg", pa.float32()),  # view angle off nadir, degrees
+    # the labelled target's position in the image on a 3x3 grid ("top left" ... "centre")
+    pa.field("target_position", pa.string()),
     pa.field("labels", pa.list_(pa.string())),  # class labels of the source archive
     pa.field("tags", pa.map_(pa.string(), pa.string())),  # OSM tags
     pa.field("boxes", pa.list_(BOX)),  # objects in the written image's pixels

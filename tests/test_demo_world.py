@@ -21,7 +21,9 @@ from pipelines.demo.pub11 import PLANTED_KINDS, build_pub11
 
 SMALL = {"n_rs": 12, "n_non_rs": 9, "n_probe": 4}
 SMALL_LOCAL = 6
-WORLD_PARAMS = {**SMALL, "n_local": SMALL_LOCAL}  # what world.json records
+SMALL_RS3 = 4
+EXTRA = {"n_local": SMALL_LOCAL, "n_rs3": SMALL_RS3}
+WORLD_PARAMS = {**SMALL, **EXTRA}  # what world.json records
 
 
 def _free_port() -> int:
@@ -39,9 +41,9 @@ def worlds(tmp_path_factory):
     b = str(tmp_path_factory.mktemp("world_b"))
     from pipelines.demo.local import build_local
 
-    summary = build_pub11(a, base, seed=3, **SMALL, extra_params={"n_local": SMALL_LOCAL})
+    summary = build_pub11(a, base, seed=3, **SMALL, extra_params=EXTRA)
     build_local(a, seed=3, n=SMALL_LOCAL)
-    build_pub11(b, base, seed=3, **SMALL, extra_params={"n_local": SMALL_LOCAL})
+    build_pub11(b, base, seed=3, **SMALL, extra_params=EXTRA)
     build_local(b, seed=3, n=SMALL_LOCAL)
     return a, b, port, summary
 
@@ -458,18 +460,22 @@ def test_cli_build_if_missing_keeps_a_current_world(worlds, monkeypatch):
     world, _, port, _ = worlds
     assert cli.world_is_current(world, 3, f"http://127.0.0.1:{port}", WORLD_PARAMS)
     assert not cli.world_is_current(world, 4, f"http://127.0.0.1:{port}", WORLD_PARAMS)
-    from pipelines.demo import tiny_models
+    from pipelines.demo import tiny_blip2, tiny_models
 
     models = []
     monkeypatch.setattr(tiny_models, "build_tiny_models", lambda *a, **k: models.append(a))
+    blips = []
+    monkeypatch.setattr(tiny_blip2, "build_tiny_blip2", lambda *a, **k: blips.append(a))
     calls = []
     monkeypatch.setattr(pub11, "build_pub11", lambda *a, **k: calls.append(a))
     before = os.path.getmtime(os.path.join(world, "world.json"))
     rc = cli.main(["build", "--out", world, "--port", str(port), "--seed", "3", "--if-missing",
                    "--n-rs", "12", "--n-non-rs", "9", "--n-probe", "4",
-                   "--n-local", str(SMALL_LOCAL)])
+                   "--n-local", str(SMALL_LOCAL), "--n-rs3", str(SMALL_RS3)])
     assert rc == 0 and calls == []
     assert models == [(os.path.join(world, "models"), 3)]  # no models yet: built
+    # the captioner keeps itself when current (its own marker): always asked
+    assert blips == [(os.path.join(world, "models", "tiny-blip2"),)]
     assert os.path.getmtime(os.path.join(world, "world.json")) == before
 
 

@@ -1,8 +1,9 @@
-"""End to end: the RS5M recipe (PUB11 + the captioned folder) on a small demo world served on
-127.0.0.1.
+"""End to end: the RS5M recipe (PUB11, RS3 and the captioned folder) on a small demo world
+served on 127.0.0.1.
 
-One world and one DirectRunner build of both subsets are shared by the module (they are the
-slow part); the tests then check the build's promises one by one.
+One world (with its tiny CLIP, RS probe and briefly trained tiny BLIP-2) and one DirectRunner
+build of the three subsets are shared by the module (they are the slow part); the tests then
+check the build's promises one by one.
 """
 
 import glob
@@ -19,6 +20,7 @@ from pipelines.demo import scoring
 from pipelines.demo.local import build_local
 from pipelines.demo.pub11 import build_pub11
 from pipelines.demo.recipes import recipe_args
+from pipelines.demo.rs3 import build_rs3
 from pipelines.demo.server import DemoServer
 from pipelines.demo.tiny_models import build_tiny_models
 from pipelines.recipes import rs5m
@@ -32,7 +34,11 @@ def world(tmp_path_factory):
     with DemoServer(str(root / "www")) as srv:
         build_pub11(str(root), base_url=srv.base_url, seed=3, n_rs=60, n_non_rs=30)
         build_local(str(root), seed=3, n=20)
+        build_rs3(str(root), seed=3, n_fmow=8, n_ben=8, n_millionaid=8)
         build_tiny_models(str(root / "models"), seed=3, probe_data=str(root / "probe"))
+        from pipelines.demo.tiny_blip2 import build_tiny_blip2
+
+        build_tiny_blip2(str(root / "models" / "tiny-blip2"), seed=3, steps=250)
         yield root, srv
 
 
@@ -64,21 +70,25 @@ def test_accounting_holds_per_subset_and_matches_the_input(world, build):
     n_pub11 = sum(pq.read_metadata(f).num_rows
                   for f in glob.glob(str(root / "pub11/*/*.parquet")))
     n_local = len((root / "local" / "metadata.jsonl").read_text().splitlines())
-    assert stats["subsets"] == ["local", "pub11"]
+    n_rs3 = pq.read_metadata(str(root / "rs3_truth.parquet")).num_rows
+    assert stats["subsets"] == ["local", "pub11", "rs3"]
     per = {s["subset"]: s for s in stats["by_subset"]}
     assert per["pub11"]["input"] == n_pub11 and per["local"]["input"] == n_local
-    assert stats["input"] == n_pub11 + n_local
+    assert per["rs3"]["input"] == n_rs3
+    assert stats["input"] == n_pub11 + n_local + n_rs3
     for doc in [stats, *per.values()]:
         assert doc["input"] == doc["kept"] + doc["rejected"] + doc["duplicates"]
     assert stats["kept"] > 0 and stats["rejected"] > 0 and stats["duplicates"] > 0
     assert json.loads((out / "stats.json").read_text()) == stats
-    for s in ("local", "pub11"):
+    for s in ("local", "pub11", "rs3"):
         sub = json.loads((out / "subsets" / s / "stats.json").read_text())
         assert (sub["input"], sub["kept"]) == (per[s]["input"], per[s]["kept"])
     heads = json.loads((out / "manifest.json").read_text())["heads"]
     assert heads["pub11"]["stages"] == ["Read", "Keywords", "UniqueIds", "UrlDedup",
                                         "FetchDecode", "Dedup", "RSFilter"]
-    assert heads["local"]["priority"] < heads["pub11"]["priority"]
+    assert heads["rs3"]["stages"] == ["Read", "UniqueIds", "Decode", "Dedup", "Georeference",
+                                      "Caption", "RotationPick", "MetaCaption"]
+    assert heads["local"]["priority"] < heads["rs3"]["priority"] < heads["pub11"]["priority"]
 
 
 def test_every_row_lands_where_the_ground_truth_says(world, build):
@@ -134,17 +144,20 @@ def test_shards_are_read_by_webdataset(build):
         kinds.add((meta["subset"], meta["caption_kind"]))
         if meta["subset"] == "pub11":
             assert 0.0 <= meta["rs_score"] <= 1.0
+        elif meta["subset"] == "rs3":
+            assert meta["caption"].endswith(meta["generated"][meta["generated_pick"]])
         else:  # the folder's rows: up to three captions each, half with coordinates
             assert meta["rs_score"] is None
             n_captions.append(len(meta["captions"]))
             geo += meta["lat"] is not None and -90 <= meta["lat"] <= 90
         n += 1
     assert n == stats["kept"]
-    assert kinds == {("pub11", "web"), ("local", "human")}
+    assert kinds == {("pub11", "web"), ("local", "human"), ("rs3", "meta+blip2"),
+                     ("rs3", "blip2")}
     assert max(n_captions) == 3 and geo >= 5
     # shard numbers are contiguous per subset, so brace ranges name every shard
     sizes = json.loads((out / "shards" / "sizes.json").read_text())
-    for subset in ("pub11", "local"):
+    for subset in ("pub11", "local", "rs3"):
         names = sorted(k for k in sizes if k.startswith(subset + "-"))
         assert names == [f"{subset}-{i:05d}.tar" for i in range(len(names))]
 
@@ -167,6 +180,7 @@ def test_stats_command_prints_a_stage_table_per_subset(build):
                           capture_output=True, text=True, check=True)
     assert "keyword hits" in proc.stdout and "non-RS" in proc.stdout
     assert "Subset pub11" in proc.stdout and "Subset local" in proc.stdout
+    assert "Subset rs3" in proc.stdout
     per = {s["subset"]: s for s in stats["by_subset"]}
     totals = [line.split() for line in proc.stdout.splitlines() if line.startswith("TOTAL")]
     assert [(t[1], t[-1]) for t in totals] == [
@@ -188,12 +202,14 @@ def test_dataflow_translation_dry_run(world, tmp_path):
     # both heads, the shared tail and the sink's writers per subset are in the graph
     for stage in ("Read[pub11]", "Keywords[pub11]", "UniqueIds[pub11]", "UrlDedup[pub11]",
                   "FetchDecode[pub11]", "Dedup[pub11]", "RSFilter[pub11]",
-                  "Read[local]", "UniqueIds[local]", "ReadDecode[local]"):
+                  "Read[local]", "UniqueIds[local]", "ReadDecode[local]",
+                  "Read[rs3]", "Decode[rs3]", "Georeference[rs3]", "Caption[rs3]",
+                  "RotationPick[rs3]", "MetaCaption[rs3]"):
         assert _has(names, stage), stage
     for stage in ("Tail/Dedup[tail]", "Tail/Embed[tail]"):
         assert _has(names, stage), stage
     assert not _has(names, "SemanticDedup") and not _has(names, "Decontaminate")
-    for subset in ("pub11", "local"):
+    for subset in ("pub11", "local", "rs3"):
         for writer in ("Shards", "Rejects", "Duplicates", "Finish"):
             assert _has(names, f"Subset[{subset}]/{writer}"), (subset, writer)
     assert _has(names, "Tail/Write/Merge")
@@ -214,6 +230,7 @@ def test_dataflow_translation_dry_run_with_every_new_stage(world, tmp_path):
                   "Tail/SemanticDedup[tail]", "Subset[pub11]/Shards"):
         assert _has(names, stage), stage
     assert not _has(names, "[local]")  # --subsets pub11: the folder is not read
+    assert not _has(names, "[rs3]")
     assert not _has(names, "Tail/Dedup[tail]")  # one subset that dedups itself
 
 
@@ -239,7 +256,7 @@ def test_rebuilding_one_subset_leaves_the_other_and_the_merged_documents_right(b
     out, stats = build
     again = tmp_path / "again"
     shutil.copytree(out, again)
-    pub11 = {f: _read(f) for f in _files(str(again)) if "pub11" in f}
+    pub11 = {f: _read(f) for f in _files(str(again)) if "pub11" in f or "rs3" in f}
     run_build(root, again, "--subsets", "local")
     for f, data in pub11.items():  # the other subset's files: untouched
         assert _read(f) == data, f
@@ -257,9 +274,12 @@ def test_help_lists_our_flags_and_beams():
                               capture_output=True, text=True, timeout=120, check=False)
         assert proc.returncode == 0, proc.stderr
         for flag in ("--local", "--output", "--subsets", "--samples_per_shard", "--fetch_deadline",
-                     "--allow_networks", "--runner", "--temp_location", "--direct_num_workers"):
+                     "--allow_networks", "--runner", "--temp_location", "--direct_num_workers",
+                     "--accelerator"):
             assert flag in proc.stdout, (recipe, flag)
-        assert ("--input" in proc.stdout) == (recipe == "rs5m")
+        for flag in ("--input", "--fmow", "--bigearthnet", "--millionaid", "--captioner",
+                     "--caption_candidates", "--caption_precision"):
+            assert (flag in proc.stdout) == (recipe == "rs5m"), (recipe, flag)
 
 
 def test_open_clip_train_trains_on_the_shards(world, build, tmp_path):
@@ -346,3 +366,107 @@ def test_embeddings_semantic_dedup_and_decontamination(world, build, tmp_path, c
     assert manifest["embedding_parts"] == len(parts)
     dups = pq.read_table(str(b2 / "duplicates")).to_pylist()
     assert all(d["similarity"] >= 0.9998 - 1e-6 for d in dups if d["method"] == "semantic")
+
+
+def _rs3_rows(out):
+    return pq.read_table(str(out / "index"), filters=[("subset", "=", "rs3")]).to_pylist()
+
+
+def test_rs3_captions_fit_the_context_and_keep_the_whole_generated_caption(world, build):
+    import numpy as np
+
+    from pipelines.models.open_clip_loader import load_tokenizer
+
+    root, _ = world
+    out, _ = build
+    rows = _rs3_rows(out)
+    assert len(rows) >= 10
+    tokenizer, context = load_tokenizer(str(root / "models" / "tiny-clip"))
+    for r in rows:
+        gen = r["generated"]
+        assert 1 <= len(gen) <= 5 and len(r["generated_scores"]) == len(gen)
+        pick = r["generated_pick"]
+        scores = np.asarray(r["generated_scores"])
+        assert pick == int(np.argmax(scores)), r  # argmax, ties to the earlier candidate
+        assert r["caption"] == r["captions"][0]
+        assert r["caption"].endswith(gen[pick]), r
+        assert r["caption_tokens"] <= context, r
+        if r["caption_kind"] == "meta+blip2":
+            assert r["caption"] == f"{r['meta_caption']} {gen[pick]}"
+        else:
+            assert not r["meta_caption"] and r["caption"] == gen[pick]
+        # nothing is truncated: the end-of-text token is inside the context
+        ids = tokenizer(r["captions"])
+        assert (ids[:, -1] == 0).all() or (ids == tokenizer.eot_token_id).any(1).all(), r
+    fmow = [r for r in rows if r["source"].startswith("fmow")]
+    assert fmow and all(r["caption_kind"] == "meta+blip2" and r["labels"] for r in fmow)
+    proc = subprocess.run([sys.executable, "-m", "pipelines.stats", str(out)],
+                          capture_output=True, text=True, check=True)
+    table = [line.split() for line in proc.stdout.splitlines() if line.startswith("rs3 ")]
+    assert {t[1] for t in table} >= {"bigearthnet", "millionaid"}
+    assert all(t[-1] == "0.0%" for t in table), proc.stdout
+
+
+def test_rs3_geo_fields_come_from_the_raster_and_one_utm_notation(build):
+    import re
+
+    import rasterio
+    from rasterio.warp import transform as warp
+
+    out, _ = build
+    rows = _rs3_rows(out)
+    assert all(re.fullmatch(r"\d{1,2}[NS]", r["utm_zone"]) for r in rows if r["utm_zone"])
+    ben = [r for r in rows if r["source"] == "bigearthnet"]
+    hemispheres = set()
+    for r in ben:
+        patch = os.path.basename(r["url"].rstrip("/"))
+        with rasterio.open(os.path.join(r["url"], f"{patch}_B04.tif")) as src:
+            x, y = src.transform @ (src.width / 2, src.height / 2)
+            (lon,), (lat,) = warp(src.crs, "EPSG:4326", [x], [y])
+            assert r["crs"] == f"EPSG:{src.crs.to_epsg()}"
+        assert (r["lat"], r["lon"]) == pytest.approx((lat, lon), abs=1e-6)
+        assert r["utm_zone"] == f"{src.crs.to_epsg() % 100}{'N' if lat >= 0 else 'S'}"
+        assert r["gsd_m"] == pytest.approx(10.0)
+        month = int(r["acquired"][5:7])
+        north = {12: "winter", 1: "winter", 2: "winter", 3: "spring", 4: "spring", 5: "spring",
+                 6: "summer", 7: "summer", 8: "summer"}.get(month, "autumn")
+        flip = {"winter": "summer", "summer": "winter", "spring": "autumn", "autumn": "spring"}
+        assert r["season"] == (north if lat >= 0 else flip[north]), r
+        hemispheres.add(lat >= 0)
+    assert hemispheres == {True, False}
+
+
+def test_accelerator_hint_sits_on_the_model_stages_only(world):
+    """On Dataflow only the model stages ask for GPUs (right fitting): exactly the
+    transforms inside Caption, RotationPick, RSFilter and the tail's Embed carry the hint."""
+    import apache_beam as beam
+    from apache_beam.options.pipeline_options import PipelineOptions
+    from apache_beam.transforms.resources import AcceleratorHint
+
+    from pipelines.recipes import kit
+
+    root, _ = world
+    acc = "type:nvidia-l4;count:1;install-nvidia-driver"
+    cfg, beam_args = kit.parse(rs5m.RECIPE, [*recipe_args(str(root)), *DATAFLOW,
+                                             "--output", "gs://rs-corpus-test/out",
+                                             "--accelerator", acc])
+    p = beam.Pipeline(options=PipelineOptions(beam_args))
+    kit.compose(p, rs5m.RECIPE, kit.resolve(rs5m.RECIPE, cfg), cfg, "DataflowRunner")
+    proto = p.to_runner_api()
+    envs = proto.components.environments
+    hinted, plain = set(), set()
+    for t in proto.components.transforms.values():
+        if not t.environment_id:
+            continue
+        hints = envs[t.environment_id].resource_hints
+        (hinted if AcceleratorHint.urn in hints else plain).add(t.unique_name)
+        if AcceleratorHint.urn in hints:
+            assert hints[AcceleratorHint.urn] == acc.encode()
+    models = ("Caption[rs3]", "RotationPick[rs3]", "RSFilter[pub11]", "Tail/Embed[tail]")
+    for name in hinted:
+        assert any(m in name for m in models), name
+    for m in models:  # the stage and its RunInference carry the hint
+        assert any(m in n and "RunInference" in n for n in hinted), m
+    for stage in ("FetchDecode[pub11]", "Decode[rs3]", "Georeference[rs3]",
+                  "MetaCaption[rs3]", "Tail/Dedup[tail]", "Tail/Write"):
+        assert any(stage in n for n in plain) and not any(stage in n for n in hinted), stage

@@ -6,8 +6,9 @@
     python -m pipelines.demo bench-sets --out data/demo
 
 ``build`` writes the world (:func:`pipelines.demo.pub11.build_pub11`; its URLs point at
-``http://127.0.0.1:<port>``), its captioned folder (:func:`pipelines.demo.local.build_local`)
-and the tiny models (``DIR/models``). ``--if-missing`` keeps a world whose ``world.json`` has
+``http://127.0.0.1:<port>``), its captioned folder (:func:`pipelines.demo.local.build_local`),
+its label-only archives for RS3 (:func:`pipelines.demo.rs3.build_rs3`) and the tiny models
+(``DIR/models``: CLIP, the RS probe, and a BLIP-2 trained briefly on the demo scenes). ``--if-missing`` keeps a world whose ``world.json`` has
 the same seed, base URL, parameters and generator version.
 
 ``serve`` starts the demo HTTP server on ``DIR/www``, runs ``CMD`` (with
@@ -70,6 +71,7 @@ def world_is_current(out: str, seed: int, base_url: str, params: dict[str, int])
 # the names pipelines.demo.tiny_models writes (importing it would import torch)
 TINY_CLIP_DIR = "tiny-clip"
 RS_PROBE_FILE = "rs_probe.json"
+TINY_BLIP2_DIR = "tiny-blip2"
 
 
 def _models_present(models_dir: str) -> bool:
@@ -85,6 +87,7 @@ def cmd_build(args: argparse.Namespace) -> int:
     base_url = base_url_for(args.port)
     params = {"n_rs": args.n_rs, "n_non_rs": args.n_non_rs, "n_probe": args.n_probe}
     params["n_local"] = args.n_local
+    params["n_rs3"] = args.n_rs3
     fresh = args.if_missing and world_is_current(out, args.seed, base_url, params)
     if fresh:
         log.info("demo world in %s is current (seed %d, %s): kept", out, args.seed, base_url)
@@ -92,7 +95,8 @@ def cmd_build(args: argparse.Namespace) -> int:
         os.makedirs(out, exist_ok=True)
         log.info("building the demo world in %s (seed %d, %s)", out, args.seed, base_url)
         summary = build_pub11(out, base_url, args.seed, args.n_rs, args.n_non_rs,
-                              n_probe=args.n_probe, extra_params={"n_local": args.n_local})
+                              n_probe=args.n_probe,
+                              extra_params={"n_local": args.n_local, "n_rs3": args.n_rs3})
         print(f"demo world: {out}")
         print(f"  rows: {summary['rows']} {summary['rows_by_source']}")
         print(f"  expected: {summary['expected']}; aerial images: {summary['is_rs']}")
@@ -100,21 +104,30 @@ def cmd_build(args: argparse.Namespace) -> int:
               f"{sum(summary['planted'].values())} rows; image files: {summary['image_files']}")
         print(f"  probe: {summary['probe']}")
         from pipelines.demo.local import build_local
+        from pipelines.demo.rs3 import build_rs3
 
         try:
             local = build_local(out, args.seed, args.n_local)
+            rs3 = build_rs3(out, args.seed, n_fmow=args.n_rs3, n_ben=args.n_rs3,
+                            n_millionaid=args.n_rs3)
         except BaseException:
             os.remove(os.path.join(out, "world.json"))  # not a finished world
             raise
         print(f"  local folder: {local['rows']} table lines ({local['planted']} planted)")
+        print(f"  rs3 archives: {rs3}")
     models_dir = os.path.join(out, "models")
     if fresh and _models_present(models_dir):
         log.info("tiny models in %s are present: kept", models_dir)
-        return 0
-    from pipelines.demo.tiny_models import build_tiny_models  # torch: only when needed
+    else:
+        from pipelines.demo.tiny_models import build_tiny_models  # torch: only when needed
 
-    paths = build_tiny_models(models_dir, args.seed)
-    print(f"  models: {paths}")
+        paths = build_tiny_models(models_dir, args.seed)
+        print(f"  models: {paths}")
+    # the tiny BLIP-2 keeps itself when its marker says it is finished (seed, version)
+    from pipelines.demo.tiny_blip2 import build_tiny_blip2
+
+    blip = build_tiny_blip2(os.path.join(models_dir, TINY_BLIP2_DIR), seed=args.seed)
+    print(f"  captioner: {blip}")
     return 0
 
 
@@ -254,6 +267,8 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--n-probe", type=int, default=150, help="probe images per class")
     b.add_argument("--n-local", type=int, default=30, help="clean images of the captioned "
                    "folder (local/)")
+    b.add_argument("--n-rs3", type=int, default=48, help="clean images per RS3 archive "
+                   "(fMoW, BigEarthNet, MillionAID; rs3/)")
     b.set_defaults(func=cmd_build)
 
     s = sub.add_parser("serve", help="serve DIR/www around a command",

@@ -4,9 +4,11 @@ Recipes know nothing of the demo (dependencies run one way); the demo knows each
 flags. ``recipe_args(world, "rs5m")`` is what ``make build-rs5m`` (``python -m pipelines.demo
 run``) puts before the user's own flags (which win, being later):
 
-* the inputs: the world's web parquet (``pub11/*/*.parquet``) and captioned folder
-  (``local/``), whichever the world has;
-* the tiny models the world built (``models/tiny-clip``, ``models/rs_probe.json``);
+* the inputs: the world's web parquet (``pub11/*/*.parquet``), label-only archives
+  (``rs3/fmow-rgb``, ``rs3/fmow-full``, ``rs3/bigearthnet``, ``rs3/millionaid``) and
+  captioned folder (``local/``), whichever the world has;
+* the tiny models the world built (``models/tiny-clip``, ``models/rs_probe.json``,
+  ``models/tiny-blip2``); the tiny captioner's captions are short (12 new tokens at most);
 * the loopback server is allowed through the address guard (``127.0.0.0/8``) — nothing else
   is: the world's planted metadata-address and private-redirect rows must be refused;
 * limits sized to the world: its slow rows sleep 6 s (timeout 3 s), its too-large file is
@@ -39,6 +41,17 @@ def recipe_args(world: str, recipe: str = "rs5m") -> list[str]:
         args += ["--input", os.path.join(world, "pub11", "*", "*.parquet"),
                  "--rs_model", os.path.join(models, "tiny-clip"),
                  "--rs_probe", os.path.join(models, "rs_probe.json")]
+        rs3 = os.path.join(world, "rs3")
+        if os.path.isdir(rs3):
+            fmow = [os.path.join(rs3, d) for d in ("fmow-rgb", "fmow-full")
+                    if os.path.isdir(os.path.join(rs3, d))]
+            if fmow:
+                args += ["--fmow", ",".join(fmow)]
+            for flag, d in (("--bigearthnet", "bigearthnet"), ("--millionaid", "millionaid")):
+                if os.path.isdir(os.path.join(rs3, d)):
+                    args += [flag, os.path.join(rs3, d)]
+            args += ["--captioner", os.path.join(models, "tiny-blip2"),
+                     "--caption_max_new_tokens", "12"]
     else:
         args += ["--clip_model", os.path.join(models, "tiny-clip")]
     if os.path.isdir(local):

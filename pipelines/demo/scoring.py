@@ -21,7 +21,7 @@ from pipelines.stats import _fmt_table, _table, subsets_of
 
 
 def outcomes(output: str, demo_world: str) -> list[dict[str, Any]]:
-    """Ground-truth rows of every subset the build holds (``pub11``, ``local``),
+    """Ground-truth rows of every subset the build holds (``pub11``, ``rs3``, ``local``),
     with the build's outcome, stage and reason added.
 
     Two rows may share a (source, source_id) (a planted repeated id): each truth row takes
@@ -35,9 +35,10 @@ def outcomes(output: str, demo_world: str) -> list[dict[str, Any]]:
     if "pub11" in built or not built:
         truths.append(f"SELECT 'pub11' AS subset, *, NULL::VARCHAR AS shared_key "
                       f"FROM read_parquet('{gt}')")
-    local_truth = os.path.join(demo_world, "local_truth.parquet")
-    if "local" in built and os.path.exists(local_truth):
-        truths.append(f"SELECT 'local' AS subset, * FROM read_parquet('{local_truth}')")
+    for subset in ("local", "rs3"):
+        path = os.path.join(demo_world, f"{subset}_truth.parquet")
+        if subset in built and os.path.exists(path):
+            truths.append(f"SELECT '{subset}' AS subset, * FROM read_parquet('{path}')")
     index = _table(output, "index", "source,source_id,rs_score")
     rejects = _table(output, "rejects", "source,source_id,stage,reason,score")
     dups = _table(output, "duplicates", "source,source_id,stage,method,duplicate_of")
@@ -115,6 +116,42 @@ def mismatches(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return bad
 
 
+def names_scene(caption: str, cls: str) -> bool:
+    """Whether ``caption`` names scene class ``cls`` (any of its names in the demo's
+    vocabulary, :data:`pipelines.demo.scenes.CLASS_NAMES`)."""
+    from pipelines.demo.scenes import CLASS_NAMES
+
+    text = " ".join(caption.lower().replace("_", " ").split())
+    return any(name in text for name in CLASS_NAMES[cls])
+
+
+def rs3_scores(output: str, demo_world: str, context_length: int = 77) -> dict[str, Any] | None:
+    """How RS3's kept captions fare against the world's truth: the share whose picked and
+    top generated captions name the scene, the share whose training caption exceeds the
+    context, and whether each caption ends with its whole picked generated caption."""
+    truth = os.path.join(demo_world, "rs3_truth.parquet")
+    if "rs3" not in subsets_of(output) or not os.path.exists(truth):
+        return None
+    con = duckdb.connect()
+    index = _table(output, "index", "source,source_id,caption,generated,generated_pick,"
+                   "caption_tokens,meta_caption", subset="rs3")
+    rows = con.execute(
+        f"""SELECT i.source, i.source_id, i.caption, i.generated, i.generated_pick,
+                   i.caption_tokens, i.meta_caption, t.scene_class FROM {index} i
+            JOIN read_parquet('{truth}') t USING (source, source_id)
+            WHERE t.scene_class IS NOT NULL""").fetchall()
+    if not rows:
+        return None
+    n = len(rows)
+    picked = sum(names_scene(r[3][r[4]], r[7]) for r in rows)
+    top = sum(names_scene(r[3][0], r[7]) for r in rows)
+    over = sum((r[5] or 0) > context_length for r in rows)
+    whole = sum(r[2].endswith(r[3][r[4]]) for r in rows)
+    return {"n": n, "pick_names_scene": picked / n, "top_names_scene": top / n,
+            "over_context": over / n, "keeps_generated": whole / n,
+            "max_tokens": max(r[5] or 0 for r in rows)}
+
+
 def report(output: str, demo_world: str) -> str:
     rows = outcomes(output, demo_world)
     s = rs_filter_scores(rows)
@@ -137,6 +174,13 @@ def report(output: str, demo_world: str) -> str:
                          f"recall {s['recall']:.3f}  (tp {s['tp']} fp {s['fp']} fn {s['fn']} "
                          f"tn {s['tn']}); non-RS keyword hits rejected: "
                          f"{s['non_rs_rejected']:.1%}")
+    rs3 = rs3_scores(output, demo_world)
+    if rs3:
+        lines.insert(-1, f"RS3 captions ({rs3['n']} kept scenes): the picked caption names the "
+                         f"scene in {rs3['pick_names_scene']:.0%} (the top by generation "
+                         f"{rs3['top_names_scene']:.0%}); over the 77-token context: "
+                         f"{rs3['over_context']:.0%} (max {rs3['max_tokens']} tokens); whole "
+                         f"generated caption kept: {rs3['keeps_generated']:.0%}")
     for r in bad[:20]:
         lines.append(
             f"  {r['subset']}/{r['source']}:{r['source_id']} planted={r['planted']} "

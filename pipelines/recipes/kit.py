@@ -276,6 +276,10 @@ def add_shared_flags(parser: argparse.ArgumentParser, default_output: str) -> No
     g = parser.add_argument_group("models")
     g.add_argument("--device", help="cuda or cpu for RunInference models (default: cuda when "
                    "present)")
+    g.add_argument("--accelerator", help="Beam accelerator resource hint put on the model "
+                   "stages only (captioning, rotation pick, RS filter, embeddings), e.g. "
+                   "'type:nvidia-l4;count:1;install-nvidia-driver' on Dataflow: the other "
+                   "stages run on CPU workers (default none)")
     g = parser.add_argument_group("CLIP embeddings (image + caption, clip_score)")
     g.add_argument("--embed", type=as_bool, default=True,
                    help="embed images and captions; puts clip_score on every row")
@@ -314,6 +318,22 @@ def add_shared_flags(parser: argparse.ArgumentParser, default_output: str) -> No
                    "needs --embed)")
     g = parser.add_argument_group("sink")
     g.add_argument("--samples_per_shard", type=int, default=10_000)
+
+
+#: the stages that run a model on every record: the ones ``--accelerator`` places on GPUs
+MODEL_STAGES = ("Caption", "RotationPick", "RSFilter", "Embed")
+
+
+def on_accelerator(transform: beam.PTransform, cfg: dict[str, Any]) -> beam.PTransform:
+    """``transform`` with the ``--accelerator`` resource hint, when one is given.
+
+    Only the model stages (:data:`MODEL_STAGES`) carry it, so a runner that fits workers to
+    hints (Dataflow's right fitting) gives GPUs to them alone; the fetch, decode, dedup and
+    sink stages stay on CPU workers. The decontamination stage's benchmark embedding (a few
+    thousand images) stays on CPU."""
+    if cfg.get("accelerator"):
+        return transform.with_resource_hints(accelerator=cfg["accelerator"])
+    return transform
 
 
 def _csv(value: str | None) -> tuple[str, ...]:
@@ -387,9 +407,9 @@ class SharedTail(beam.PTransform):
         if cfg["embed"]:
             from pipelines.stages.embed import Embed
 
-            b.apply("Embed", Embed(cfg["clip_model"], cfg.get("clip_pretrained"),
-                                   device=cfg.get("device"), precision=cfg["clip_precision"],
-                                   batch_size=cfg["clip_batch_size"]))
+            b.apply("Embed", on_accelerator(Embed(
+                cfg["clip_model"], cfg.get("clip_pretrained"), device=cfg.get("device"),
+                precision=cfg["clip_precision"], batch_size=cfg["clip_batch_size"]), cfg))
         else:
             b.apply("NoEmbed", beam.Map(lambda r: {**r, "clip_score": None}))
         if cfg.get("clip_threshold") is not None or cfg.get("clip_top_percent") is not None:

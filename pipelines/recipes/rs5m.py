@@ -1,8 +1,10 @@
-"""RS5M: PUB11 (remote-sensing pairs mined from LAION-style web parquet), plus your own
-captioned folder (``--local``); RS3 (label-only archives captioned by BLIP-2) plugs in here.
+"""RS5M: PUB11 (remote-sensing pairs mined from LAION-style web parquet) and RS3 (label-only
+RS archives captioned by BLIP-2), plus your own captioned folder (``--local``), in one corpus.
 
     pub11: read parquet → keyword filter → unique ids → URL dedup → fetch + decode/normalise
            → content dedup (sha256 + pHash) → RS-image filter (CLIP linear probe)
+    rs3:   see pipelines.recipes.rs3 (FMoW, BigEarthNet, MillionAID → georeference →
+           BLIP-2 candidates → rotation-invariant pick → meta caption fitted to the context)
     local: see pipelines.recipes.local
     then the shared tail (pipelines.recipes.kit): content dedup across subsets → CLIP
     embeddings (image + caption, clip_score) → CLIP-score filter → test-set decontamination
@@ -24,6 +26,7 @@ import apache_beam as beam
 
 from pipelines.recipes import kit
 from pipelines.recipes.local import LocalFolder
+from pipelines.recipes.rs3 import Rs3
 from pipelines.sources.laion import MAX_CAPTION_CHARS, MAX_EXTRA_BYTES, ColumnMap, ReadLaionParquet
 from pipelines.stages.dedup import DedupByContent, DedupByUrl
 from pipelines.stages.fetch import Fetch
@@ -91,13 +94,14 @@ class Pub11(kit.Head):
         b.apply("FetchDecode", Fetch(kit.fetch_config(cfg), decode=kit.image_config(cfg)))
         if cfg["dedup"]:
             b.apply("Dedup", DedupByContent(cfg["phash_hamming"], crops=cfg["dedup_crops"]))
-        b.apply("RSFilter", RSFilter(cfg.get("rs_model"), cfg.get("rs_pretrained"),
-                                     cfg.get("rs_probe"), threshold=cfg.get("rs_threshold"),
-                                     device=cfg.get("device"), enabled=cfg["rs_filter"]))
+        b.apply("RSFilter", kit.on_accelerator(RSFilter(
+            cfg.get("rs_model"), cfg.get("rs_pretrained"), cfg.get("rs_probe"),
+            threshold=cfg.get("rs_threshold"), device=cfg.get("device"),
+            enabled=cfg["rs_filter"]), cfg))
         return b
 
 
-RECIPE = kit.Recipe("rs5m", __doc__ or "", [Pub11(), LocalFolder()], "out/rs5m")
+RECIPE = kit.Recipe("rs5m", __doc__ or "", [Pub11(), Rs3(), LocalFolder()], "out/rs5m")
 
 
 def run(argv: list[str] | None = None) -> Any:
