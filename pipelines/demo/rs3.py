@@ -420,6 +420,26 @@ def _fmow_classes() -> list[str]:
     return [c for c in scenes.CLASSES if c in FMOW_CATEGORY]
 
 
+def _write_fmow_pair(w: _Rs3, source: str, ext: str, i: int, stem: str, cat: str, cls: str,
+                     files: tuple[bytes, bytes], hashes: Any, meta: dict[str, Any],
+                     decoy: bool) -> None:
+    """An fMoW entry's ``_rgb`` and ``_msrgb`` images with their JSON, and their truth: the
+    msrgb image, the same capture, ends as a pHash duplicate of the rgb one."""
+    place = _fmow_place(w, i)
+    doc_rgb, doc_ms = _fmow_pair_docs(place, posixpath.basename(stem), cat, i, ext, decoy=decoy)
+    base = f"{source}/{stem}"
+    for variant, data, doc in (("rgb", files[0], doc_rgb), ("msrgb", files[1], doc_ms)):
+        w.write(f"{base}_{variant}.{ext}", data)
+        w.write(f"{base}_{variant}.json", _json_bytes(doc))
+    common = {"scene_class": cls, "duplicate_group": f"{source}:{stem}", "lat": place["lat"],
+              "lon": place["lon"], "objects": json.dumps(meta["objects"], sort_keys=True)}
+    w.add(source, f"{stem}_rgb", image=f"{FOLDER}/{base}_rgb.{ext}", width=FMOW_SIDE,
+          height=FMOW_SIDE, phash=_hex(hashes[0][0]), **common)
+    w.add(source, f"{stem}_msrgb", image=f"{FOLDER}/{base}_msrgb.{ext}",
+          width=FMOW_MS_SIDE, height=FMOW_MS_SIDE, phash=_hex(hashes[1][0]),
+          expect=("duplicate", "dedup", "phash"), **common)
+
+
 def _build_fmow_rgb(w: _Rs3, n: int) -> None:
     classes = _fmow_classes()
     for i in range(n):
@@ -434,22 +454,8 @@ def _build_fmow_rgb(w: _Rs3, n: int) -> None:
             return [rgb, ms], (rgb, ms, meta)
 
         hashes, (rgb, ms, meta) = w.distinct(i, draw)
-        place = _fmow_place(w, i)
-        doc_rgb, doc_ms = _fmow_pair_docs(place, posixpath.basename(stem), cat, i, "jpg",
-                                          decoy=i % 5 == 1)
-        base = f"{FMOW_RGB}/{stem}"
-        w.write(f"{base}_rgb.jpg", rgb)
-        w.write(f"{base}_rgb.json", _json_bytes(doc_rgb))
-        w.write(f"{base}_msrgb.jpg", ms)
-        w.write(f"{base}_msrgb.json", _json_bytes(doc_ms))
-        group = f"{FMOW_RGB}:{stem}"
-        common = {"scene_class": cls, "duplicate_group": group, "lat": place["lat"],
-                  "lon": place["lon"], "objects": json.dumps(meta["objects"], sort_keys=True)}
-        w.add(FMOW_RGB, f"{stem}_rgb", image=f"{FOLDER}/{base}_rgb.jpg", width=FMOW_SIDE,
-              height=FMOW_SIDE, phash=_hex(hashes[0][0]), **common)
-        w.add(FMOW_RGB, f"{stem}_msrgb", image=f"{FOLDER}/{base}_msrgb.jpg",
-              width=FMOW_MS_SIDE, height=FMOW_MS_SIDE, phash=_hex(hashes[1][0]),
-              expect=("duplicate", "dedup", "phash"), **common)
+        _write_fmow_pair(w, FMOW_RGB, "jpg", i, stem, cat, cls, (rgb, ms), hashes, meta,
+                         decoy=i % 5 == 1)
 
 
 def _uint16_bands(img: Image.Image, n_bands: int, rng: np.random.Generator) -> np.ndarray:
@@ -493,22 +499,8 @@ def _build_fmow_full(w: _Rs3, n: int) -> None:
             return bodies, (rgb_tif, ms_tif, meta)
 
         hashes, (rgb, ms, meta) = w.distinct(i, draw)
-        place = _fmow_place(w, i)
-        doc_rgb, doc_ms = _fmow_pair_docs(place, posixpath.basename(stem), cat, i, "tif",
-                                          decoy=False)
-        base = f"{FMOW_FULL}/{stem}"
-        w.write(f"{base}_rgb.tif", rgb)
-        w.write(f"{base}_rgb.json", _json_bytes(doc_rgb))
-        w.write(f"{base}_msrgb.tif", ms)
-        w.write(f"{base}_msrgb.json", _json_bytes(doc_ms))
-        group = f"{FMOW_FULL}:{stem}"
-        common = {"scene_class": cls, "duplicate_group": group, "lat": place["lat"],
-                  "lon": place["lon"], "objects": json.dumps(meta["objects"], sort_keys=True)}
-        w.add(FMOW_FULL, f"{stem}_rgb", image=f"{FOLDER}/{base}_rgb.tif", width=FMOW_SIDE,
-              height=FMOW_SIDE, phash=_hex(hashes[0][0]), **common)
-        w.add(FMOW_FULL, f"{stem}_msrgb", image=f"{FOLDER}/{base}_msrgb.tif",
-              width=FMOW_MS_SIDE, height=FMOW_MS_SIDE, phash=_hex(hashes[1][0]),
-              expect=("duplicate", "dedup", "phash"), **common)
+        _write_fmow_pair(w, FMOW_FULL, "tif", i, stem, cat, cls, (rgb, ms), hashes, meta,
+                         decoy=False)
 
 
 def _build_fmow_planted(w: _Rs3) -> None:

@@ -217,6 +217,17 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return dev
 
 
+def _local_model(model: Any) -> str:
+    """``model`` (a name, a directory, ``local-dir:DIR``) checked, with a directory on a Beam
+    filesystem copied to the local cache (``localize``)."""
+    if not isinstance(model, str) or not model:
+        raise ValueError("model must be an open_clip architecture name or a local directory")
+    _refuse_remote("model", model)
+    if model.startswith(LOCAL_DIR_PREFIX):
+        return LOCAL_DIR_PREFIX + localize(model[len(LOCAL_DIR_PREFIX):])
+    return localize(model)
+
+
 def load_open_clip(
     model: str,
     pretrained: str | None = None,
@@ -231,13 +242,7 @@ def load_open_clip(
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    if not isinstance(model, str) or not model:
-        raise ValueError("model must be an open_clip architecture name or a local directory")
-    _refuse_remote("model", model)
-    if model.startswith(LOCAL_DIR_PREFIX):
-        model = LOCAL_DIR_PREFIX + localize(model[len(LOCAL_DIR_PREFIX):])
-    else:
-        model = localize(model)
+    model = _local_model(model)
     if pretrained is not None:
         pretrained = os.fspath(pretrained)
         _refuse_remote("pretrained", pretrained)
@@ -411,13 +416,7 @@ def load_tokenizer(model: str) -> tuple[Any, int]:
     the same way: hub names, URLs, and configs whose tokenizer open_clip would download. The
     context length is the tokenizer's (the config's ``text_cfg.context_length``, 77 for CLIP).
     """
-    if not isinstance(model, str) or not model:
-        raise ValueError("model must be an open_clip architecture name or a local directory")
-    _refuse_remote("model", model)
-    if model.startswith(LOCAL_DIR_PREFIX):
-        model = LOCAL_DIR_PREFIX + localize(model[len(LOCAL_DIR_PREFIX):])
-    else:
-        model = localize(model)
+    model = _local_model(model)
     register_configs()
     model_dir = resolve_model_dir(model)
     _refuse_hub_config(_config_of(model, model_dir) or {}, model, model_dir)

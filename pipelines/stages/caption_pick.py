@@ -38,7 +38,8 @@ from PIL import Image
 
 from pipelines.models.handlers import LoadedClip, OpenClipImageTextEmbedder
 from pipelines.models.open_clip_loader import decode_image, forward_images
-from pipelines.records import MAIN, REJECTS, Reject, reject_row
+from pipelines.records import MAIN, REJECTS, Reject
+from pipelines.stages.routing import routed
 
 log = logging.getLogger(__name__)
 
@@ -177,12 +178,7 @@ def pick_decision(record: dict[str, Any], inference: RotationScores | None
             "generated_pick": int(inference.pick)}
 
 
-def _route(result: PredictionResult):
-    out = pick_decision(result.example, result.inference)
-    if isinstance(out, Reject):
-        yield beam.pvalue.TaggedOutput(REJECTS, reject_row(result.example, out))
-    else:
-        yield out
+_route = routed(pick_decision)
 
 
 class RotationPick(beam.PTransform):

@@ -27,9 +27,10 @@ from collections.abc import Iterable
 from typing import Any
 
 import apache_beam as beam
-from apache_beam.ml.inference.base import PredictionResult, RunInference
+from apache_beam.ml.inference.base import RunInference
 
-from pipelines.records import MAIN, REJECTS, Reject, reject_row
+from pipelines.records import MAIN, REJECTS, Reject
+from pipelines.stages.routing import routed
 
 STAGE = "caption"
 CAPTION_FAILED = "caption_failed"
@@ -60,12 +61,7 @@ def caption_decision(record: dict[str, Any], inference: list[str] | None
     return {**record, FIELD: generated}
 
 
-def _route(result: PredictionResult):
-    out = caption_decision(result.example, result.inference)
-    if isinstance(out, Reject):
-        yield beam.pvalue.TaggedOutput(REJECTS, reject_row(result.example, out))
-    else:
-        yield out
+_route = routed(caption_decision)
 
 
 class Caption(beam.PTransform):

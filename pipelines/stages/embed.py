@@ -31,9 +31,10 @@ from typing import Any
 
 import apache_beam as beam
 import numpy as np
-from apache_beam.ml.inference.base import PredictionResult, RunInference
+from apache_beam.ml.inference.base import RunInference
 
-from pipelines.records import MAIN, REJECTS, Reject, reject_row
+from pipelines.records import MAIN, REJECTS, Reject
+from pipelines.stages.routing import routed
 
 STAGE = "embed"
 UNDECODABLE = "undecodable"
@@ -54,12 +55,7 @@ def embed_decision(record: dict[str, Any], inference: Any) -> dict[str, Any] | R
             "clip_score": float(np.float32(inference.score))}
 
 
-def _route(result: PredictionResult):
-    out = embed_decision(result.example, result.inference)
-    if isinstance(out, Reject):
-        yield beam.pvalue.TaggedOutput(REJECTS, reject_row(result.example, out))
-    else:
-        yield out
+_route = routed(embed_decision)
 
 
 def _unembedded(record: dict[str, Any]):

@@ -47,7 +47,8 @@ from typing import Any
 import apache_beam as beam
 import numpy as np
 
-from pipelines.records import MAIN, REJECTS, Reject, reject_row
+from pipelines.records import MAIN, REJECTS, Reject
+from pipelines.stages.routing import CountingDoFn
 
 STAGE = "georeference"
 EARTH_RADIUS_KM = 6371.0088  # IUGG mean radius
@@ -475,32 +476,25 @@ def georeference(
     return out
 
 
-class GeoreferenceDoFn(beam.DoFn):
+class GeoreferenceDoFn(CountingDoFn):
     """Record → georeferenced record, or its reject row tagged ``rejects``."""
 
+    stage = STAGE
+
     def __init__(self, place_radius_km: float, region_radius_km: float) -> None:
+        super().__init__()
         self.place_radius_km = place_radius_km
         self.region_radius_km = region_radius_km
-        self._counters: dict[str, Any] = {}
 
     def setup(self) -> None:
         towns()  # load the town tree once per worker process, before the first record
 
-    def _count(self, name: str) -> None:
-        counter = self._counters.get(name)
-        if counter is None:
-            counter = self._counters[name] = beam.metrics.Metrics.counter(STAGE, name)
-        counter.inc()
-
     def process(self, record: dict[str, Any]) -> Iterator[Any]:
         result = georeference(record, self.place_radius_km, self.region_radius_km)
-        if isinstance(result, Reject):
-            self._count(result.reason)
-            yield beam.pvalue.TaggedOutput(REJECTS, reject_row(record, result))
-            return
-        self._count("city" if result.get("city") else "region" if result.get("region")
-                    else "country" if result.get("country") else "no_place")
-        yield result
+        if not isinstance(result, Reject):
+            self.count("city" if result.get("city") else "region" if result.get("region")
+                       else "country" if result.get("country") else "no_place")
+        yield from self.emit(record, result)
 
 
 class Georeference(beam.PTransform):

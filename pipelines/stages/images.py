@@ -48,6 +48,7 @@ from PIL.JpegImagePlugin import JpegImageFile  # MPO (multi-picture JPEG) includ
 from pipelines import image_guard
 from pipelines.image_guard import ImageRefused, to_rgb
 from pipelines.records import MAIN, REJECTS, Reject, reject_row
+from pipelines.stages.routing import CountingDoFn
 
 STAGE = "decode"
 RESIZE_MODES = ("no", "keep_ratio", "center_crop", "border")
@@ -421,18 +422,14 @@ def _decode_and_convert(
     return _convert_and_resample(picture, target), (ow, oh)
 
 
-class DecodeDoFn(beam.DoFn):
+class DecodeDoFn(CountingDoFn):
     """Record with ``_body`` → record with ``_image`` and image fields, or its reject row."""
 
-    def __init__(self, cfg: ImageConfig | None = None) -> None:
-        self.cfg = cfg or ImageConfig()
-        self._counters: dict[str, Any] = {}
+    stage = STAGE
 
-    def _count(self, name: str) -> None:
-        counter = self._counters.get(name)
-        if counter is None:
-            counter = self._counters[name] = beam.metrics.Metrics.counter(STAGE, name)
-        counter.inc()
+    def __init__(self, cfg: ImageConfig | None = None) -> None:
+        super().__init__()
+        self.cfg = cfg or ImageConfig()
 
     def process(self, record: dict[str, Any]) -> Iterator[Any]:
         body = record.get("_body")
@@ -440,7 +437,7 @@ class DecodeDoFn(beam.DoFn):
             result: NormalisedImage | Reject = _reject("not_an_image", "record has no _body")
         else:
             result = normalise_image(body, self.cfg)
-        self._count(result.reason if isinstance(result, Reject) else "ok")
+        self.count(result.reason if isinstance(result, Reject) else "ok")
         yield decoded_output(record, result, len(body or b""))
 
 

@@ -56,8 +56,9 @@ from typing import Any
 import apache_beam as beam
 import numpy as np
 
-from pipelines.records import MAIN, REJECTS, Reject, reject_row, stable_hash
+from pipelines.records import MAIN, REJECTS, Reject, stable_hash
 from pipelines.stages.georef import country_article, has_time, parse_acquired
+from pipelines.stages.routing import CountingDoFn
 
 STAGE = "meta_caption"
 DEFAULT_TEMPLATES = "rs3_meta_templates.json"
@@ -492,13 +493,15 @@ def meta_caption(
     return out
 
 
-class MetaCaptionDoFn(beam.DoFn):
+class MetaCaptionDoFn(CountingDoFn):
     """Record with ``generated``/``generated_pick`` → captioned record, or its reject row."""
 
+    stage = STAGE
+
     def __init__(self, clip_model: str, templates: TemplateSet) -> None:
+        super().__init__()
         self.clip_model = clip_model
         self.templates = templates
-        self._counters: dict[str, Any] = {}
 
     def setup(self) -> None:
         from pipelines.models.open_clip_loader import load_tokenizer
@@ -506,22 +509,13 @@ class MetaCaptionDoFn(beam.DoFn):
         tokenizer, self._context_length = load_tokenizer(self.clip_model)
         self._count_tokens = token_counter(tokenizer)
 
-    def _count(self, name: str) -> None:
-        counter = self._counters.get(name)
-        if counter is None:
-            counter = self._counters[name] = beam.metrics.Metrics.counter(STAGE, name)
-        counter.inc()
-
     def process(self, record: dict[str, Any]) -> Iterator[Any]:
         result = meta_caption(record, self.templates, self._count_tokens, self._context_length)
-        if isinstance(result, Reject):
-            self._count(result.reason)
-            yield beam.pvalue.TaggedOutput(REJECTS, reject_row(record, result))
-            return
-        self._count(result["caption_kind"])
-        if result["meta_dropped"]:
-            self._count("meta_shortened")
-        yield result
+        if not isinstance(result, Reject):
+            self.count(result["caption_kind"])
+            if result["meta_dropped"]:
+                self.count("meta_shortened")
+        yield from self.emit(record, result)
 
 
 class MetaCaption(beam.PTransform):
