@@ -55,6 +55,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from pipelines.demo import scenes
+from pipelines.demo.local import _TRUTH_SCHEMA as _LOCAL_TRUTH_SCHEMA
 
 FOLDER = "rs3"
 TRUTH = "rs3_truth.parquet"
@@ -172,18 +173,9 @@ BEN_BANDS: dict[str, int] = {
     "B09": 60, "B11": 20, "B12": 20, "B8A": 20,
 }
 
-_TRUTH_COLUMNS = [
-    ("source", pa.string()), ("row", pa.int64()), ("source_id", pa.string()),
-    ("key", pa.string()), ("url", pa.string()), ("caption", pa.string()),
-    ("is_rs", pa.bool_()), ("scene_class", pa.string()), ("everyday_kind", pa.string()),
-    ("planted", pa.string()), ("expected", pa.string()), ("expected_stage", pa.string()),
-    ("expected_reason", pa.string()), ("duplicate_group", pa.string()),
-    ("image", pa.string()), ("width", pa.int64()), ("height", pa.int64()),
-    ("phash", pa.string()), ("objects", pa.string()), ("boxes", pa.string()),
-    ("shared_key", pa.string()),
-    # RS3 additions: the entry's place (footprint or patch centre) and its hemisphere
-    ("lat", pa.float64()), ("lon", pa.float64()), ("hemisphere", pa.string()),
-]
+# local's truth columns, plus the entry's place (footprint or patch centre) and hemisphere
+_TRUTH_COLUMNS = [*_LOCAL_TRUTH_SCHEMA,
+                  ("lat", pa.float64()), ("lon", pa.float64()), ("hemisphere", pa.string())]
 _TRUTH_SCHEMA = pa.schema(_TRUTH_COLUMNS)
 
 _MGRS_BANDS = "CDEFGHJKLMNPQRSTUVWX"

@@ -15,6 +15,16 @@ candidate (``generated``), each one's rotation-invariant score (``generated_scor
 picked one's index (``generated_pick``; ``generated[0]`` is the top by generation), the
 metadata sentence (``meta_caption``) and what was dropped to fit (``meta_dropped``).
 
+What the archive sources hand on (``pipelines.sources.archives.base_record``): the record
+contract's ``key``/``source``/``source_id``/``url``/``license``/``labels``/``acquired``/
+``gsd_m``/``crs``, and working fields for the stages after them — ``_body`` (the image bytes:
+a JPEG as it is, multi-band rasters composed to 8-bit RGB and encoded as PNG), ``_pixel_size``
+(the size the metadata describes), ``_footprint`` (fMoW's WGS84 ring), ``_geo`` (a raster's
+CRS, affine transform and size, from the GeoTIFF), ``_target_box`` (fMoW's target, pixels)
+and ``_meta`` (other archive metadata: country code, cloud cover, view angles, ...).
+Georeference turns these into the geo columns; the caption stages add ``generated``,
+``generated_scores``/``generated_pick``, then the caption columns.
+
 ``make build-rs5m ARGS="--subsets rs3 --fmow DIR --bigearthnet DIR --millionaid DIR
 --captioner DIR --clip_model ..."`` builds RS3 alone; without ``--subsets`` every subset whose
 input is given is built, PUB11 and RS3 into one corpus.

@@ -92,8 +92,8 @@ class ArchiveError(Exception):
 
 def base_record(source: str, source_id: str, url: str | None, subset: str,
                 license: str | None) -> dict[str, Any]:
-    """A record with every field the archive sources set (spec: "Fields each source record
-    carries"), empty where the entry has not been read yet."""
+    """A record with every field the archive sources set (see ``pipelines.recipes.rs3``),
+    empty where the entry has not been read yet."""
     return {
         "key": make_key(source, source_id),
         "subset": subset,

@@ -3,7 +3,7 @@
 Pure functions first (each callable in a REPL), then the Beam stage :class:`Georeference`
 (stage ``"georeference"``) that applies :func:`georeference` to every record.
 
-What it sets and the rules it follows (RS3 spec):
+What it sets and the rules it follows:
 
 * ``lat``/``lon``/``bbox`` (WGS84; bbox ``[west, south, east, north]``): from ``_footprint``
   (a ``[[lon, lat], ...]`` ring: the polygon's centroid and its bounds) or, for a raster with a
