@@ -10,8 +10,10 @@ check of the files. One table per subset, one row per source, with the recipe's 
 * every other subset is a funnel: input, then the rows each stage took out (rejected ✗ or
   duplicate ≡, stages in pipeline order), then kept.
 
-Caption lengths are counted in CLIP BPE tokens (open_clip's tokenizer, the one the trainer
-uses), with the share of captions that do not fit the 77-token context (75 + start/end).
+Training-caption lengths are counted in CLIP tokens with the start and end tokens (the build's
+own count, ``caption_tokens``, where the recipe fitted captions to its model's tokenizer; else
+open_clip's BPE tokenizer, the trainer's default), per subset and source, with the share of
+captions that do not fit the 77-token context.
 """
 
 from __future__ import annotations

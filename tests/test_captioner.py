@@ -342,3 +342,8 @@ def test_rotation_pick_stage_sets_aligned_scores(tiny_clip):
                     equal_to([("bad", "caption_pick", "caption_pick_failed"),
                               ("empty", "caption_pick", "caption_pick_failed")]),
                     label="rejects")
+
+
+def test_the_captioner_can_be_shared_by_a_machine_s_processes(tiny_blip2):
+    assert not HFCaptioner(tiny_blip2).share_model_across_processes()
+    assert HFCaptioner(tiny_blip2, share_across_processes=True).share_model_across_processes()

@@ -39,8 +39,9 @@ candidates are what the model generated AFTER it (the prompt is not repeated in 
 
 Precision: ``bf16`` (default) | ``fp16`` | ``fp32``; on CPU always fp32 (half precision on CPU
 is slow and, for fp16, unsupported by many kernels) — a log line says so. Device None → cuda
-when the worker has one. One model per worker process (RunInference's shared model);
-``share_model_across_processes`` is False.
+when the worker has one. One model per worker process (RunInference's shared model); with
+``share_across_processes=True`` one per machine instead (Beam's large-model mode: the SDK
+processes of a Dataflow GPU VM share one copy in GPU memory rather than holding one each).
 """
 
 from __future__ import annotations
@@ -195,6 +196,8 @@ class HFCaptioner(ModelHandler[Record, PredictionResult, LoadedCaptioner]):
       prompt: text the language model continues (None: captioning from the image alone).
       seed: sampling seed (with ``do_sample``).
       image_field: the record field holding the encoded image.
+      share_across_processes: one model per machine, shared by its processes (large models
+        on multi-process GPU workers), instead of one per process.
     """
 
     metrics_namespace = "rs_corpus.captioner"
@@ -215,6 +218,7 @@ class HFCaptioner(ModelHandler[Record, PredictionResult, LoadedCaptioner]):
         prompt: str | None = None,
         seed: int = 0,
         image_field: str = "_image",
+        share_across_processes: bool = False,
     ) -> None:
         super().__init__(max_batch_size=batch_size)
         if not model_dir:
@@ -254,6 +258,7 @@ class HFCaptioner(ModelHandler[Record, PredictionResult, LoadedCaptioner]):
         self._prompt = prompt or None
         self._seed = seed
         self._image_field = image_field
+        self._share = share_across_processes
 
     @property
     def candidates(self) -> int:
@@ -326,7 +331,7 @@ class HFCaptioner(ModelHandler[Record, PredictionResult, LoadedCaptioner]):
         return {"max_batch_size": self._batch_size}
 
     def share_model_across_processes(self) -> bool:
-        return False
+        return self._share
 
     # ---- captioning -------------------------------------------------------------------------
     def caption(self, batch: Sequence[Record], model: LoadedCaptioner) -> list[list[str] | None]:

@@ -133,6 +133,10 @@ class Rs3(kit.Head):
         g.add_argument("--caption_min_new_tokens", type=int)
         g.add_argument("--caption_prompt", help="text prompt for the captioner (default none)")
         g.add_argument("--caption_seed", type=int, default=0)
+        g.add_argument("--caption_share_model", type=kit.as_bool, default=False,
+                       help="one captioner per machine, shared by its SDK processes (Beam's "
+                       "large-model mode; for GPU VMs running several processes), instead of "
+                       "one per process")
         g.add_argument("--meta_templates", help="meta-caption template file (default: the "
                        "bundled rs3_meta_templates.json)")
 
@@ -170,7 +174,8 @@ class Rs3(kit.Head):
             top_p=cfg.get("caption_top_p"), temperature=cfg.get("caption_temperature"),
             max_new_tokens=cfg["caption_max_new_tokens"],
             min_new_tokens=cfg.get("caption_min_new_tokens"),
-            prompt=cfg.get("caption_prompt"), seed=cfg["caption_seed"]), cfg))
+            prompt=cfg.get("caption_prompt"), seed=cfg["caption_seed"],
+            share_across_processes=cfg["caption_share_model"]), cfg))
         b.apply("RotationPick", kit.on_accelerator(RotationPick(
             cfg["clip_model"], cfg.get("clip_pretrained"), device=cfg.get("device"),
             precision=cfg["clip_precision"], batch_size=cfg["clip_batch_size"]), cfg))
