@@ -83,3 +83,19 @@ def test_good_entries_still_load(dataset):
     data = load_retrieval(root, "rsicd")
     assert [p.name for p in data.paths] == ["a.jpg", "a.jpg"]
     assert [rel for rel, _ in list_images(str(root))] == ["a.jpg"]
+
+
+def test_a_caption_json_s_splits_can_be_chosen_for_decontamination(tmp_path):
+    root = tmp_path / "rsicd"
+    (root / "images").mkdir(parents=True)
+    items = []
+    for i, split in enumerate(("train", "test", "val", "train")):
+        Image.new("RGB", (32, 32), (i * 40, 10, 10)).save(root / "images" / f"{i}.jpg")
+        items.append({"filename": f"{i}.jpg", "split": split, "sentences": [{"raw": "x"}]})
+    path = root / "dataset_rsicd.json"
+    path.write_text(json.dumps({"images": items}))
+    assert [n for n, _ in fmt.benchmark_images(str(path))] == ["0.jpg", "1.jpg", "2.jpg", "3.jpg"]
+    assert [n for n, _ in fmt.benchmark_images(f"{path}@test")] == ["1.jpg"]
+    assert [n for n, _ in list_images(f"{path}@test@val")] == ["1.jpg", "2.jpg"]
+    assert fmt.split_suffix(f"{path}::{root / 'images'}@test") == (
+        f"{path}::{root / 'images'}", ("test",))

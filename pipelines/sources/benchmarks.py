@@ -236,10 +236,21 @@ def selo_items(json_path: str) -> list[dict[str, Any]]:
     return out
 
 
+def split_suffix(path: str) -> tuple[str, tuple[str, ...]]:
+    """``"d/rsicd.json::imgs@test@val"`` → (``"d/rsicd.json::imgs"``, ``("test", "val")``): a
+    caption JSON's splits to read (none: every split)."""
+    head, *splits = str(path).split("@")
+    if not splits or any(not s or "/" in s or ":" in s for s in splits):
+        return str(path), ()
+    return head, tuple(splits)
+
+
 def benchmark_images(path: str) -> list[tuple[str, str]]:
     """(image id relative to the benchmark, full path) of every image of one benchmark, for
-    decontamination: a caption JSON (``file.json`` or ``file.json::IMAGE_DIR``; every split),
-    a folder holding exactly one JSON, or class folders (and images at the top)."""
+    decontamination: a caption JSON (``file.json`` or ``file.json::IMAGE_DIR``; every split,
+    or only those named after ``@``: ``file.json@test@val``), a folder holding exactly one
+    JSON, or class folders (and images at the top)."""
+    path, splits = split_suffix(path)
     json_path, _, image_dir = str(path).partition("::")
     if not json_path.lower().endswith(".json"):
         root = json_path.rstrip("/")
@@ -260,6 +271,8 @@ def benchmark_images(path: str) -> list[tuple[str, str]]:
         if isinstance(it, str):
             entries.append((it, None))
         elif isinstance(it, dict):
+            if splits and it.get("split") not in splits:
+                continue
             n = it.get("filename") or it.get("image") or it.get("file_name") or it.get("imgid")
             if n is not None:
                 entries.append((str(n), it.get("filepath")))

@@ -358,6 +358,24 @@ def report(output: str, specs: Sequence[tuple[str, str]] = ()) -> str:
              table.get(n, {}).get("images", 0), table.get(n, {}).get("removed", 0),
              table.get(n, {}).get("by_phash", 0), table.get(n, {}).get("by_embedding", 0)]
             for n in names]
-    return "Decontamination (training samples removed per benchmark):\n" + _fmt_table(
+    text = "Decontamination (training samples removed per benchmark):\n" + _fmt_table(
         ["benchmark", "bench images", "bench images hit", "removed", "by pHash", "by embedding"],
         body)
+    per_source = removed_by_source(output)
+    if per_source:
+        text += "\n\nDecontamination (removed per training subset and source):\n" + _fmt_table(
+            ["subset", "source", "benchmark", "removed"], [list(r) for r in per_source])
+    return text
+
+
+def removed_by_source(output: str) -> list[tuple[str, str, str, int]]:
+    """(subset, source, benchmark, removed) of the decontamination rejects: which training
+    dataset shipped the benchmark's images (RemoteCLIP's per-dataset leakage table)."""
+    from pipelines.stats import _table
+
+    rejects = _table(output, "rejects", "subset,source,stage,detail")
+    import duckdb
+
+    return [tuple(r) for r in duckdb.connect().execute(
+        f"""SELECT subset, source, split_part(detail, ': ', 1) AS benchmark, count(*)
+            FROM {rejects} WHERE stage = '{STAGE}' GROUP BY ALL ORDER BY ALL""").fetchall()]
