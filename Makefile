@@ -11,6 +11,7 @@ OUTPUT ?= out/rs5m
 DEMO   ?= data/demo
 DEMO_PORT ?= 8707
 # INPUT: build-rs5m: a glob of LAION-style parquet files; build-local: a captioned folder;
+# build-remoteclip: comma-separated name=format:root datasets;
 # empty = the bundled demo world (served on loopback)
 INPUT  ?=
 ARGS   ?=
@@ -20,11 +21,13 @@ DATA       ?= out/rs5m
 NPROC      ?= 1
 CHECKPOINT ?= out/train/checkpoints/latest.pt
 
-.PHONY: help venv demo build-rs5m build-local stats train bench lint test perf perf-ingest perf-dedup perf-train perf-caption clean
+.PHONY: help venv demo build-rs5m build-local build-remoteclip remotecount stats train bench lint test perf perf-ingest perf-dedup perf-train perf-caption clean
 
 help:
 	@echo "make build-rs5m RUNNER=DirectRunner [INPUT=glob] [OUTPUT=dir] [ARGS='...']"
 	@echo "make build-local INPUT=folder [OUTPUT=out/local] [ARGS='...']   your captioned images"
+	@echo "make build-remoteclip [INPUT=name=format:root,...] [OUTPUT=out/remoteclip] [ARGS='...']"
+	@echo "make remotecount [ANNOTATIONS=name=format:root,...] [OUTPUT=out/remotecount]   counting benchmark"
 	@echo "make stats OUTPUT=dir      per-source stage table of a build (DuckDB)"
 	@echo "make train [DATA=out/rs5m] [OUTPUT=out/train] [NPROC=1] [ARGS='...']"
 	@echo "make bench [CHECKPOINT=out/train/checkpoints/latest.pt] [OUTPUT=out/bench] [ARGS='...']"
@@ -63,6 +66,29 @@ ifeq ($(strip $(INPUT)),)
 	  --runner $(RUNNER) --output $(OUTPUT) $(ARGS)
 else
 	$(PY) -m pipelines.recipes.local --runner $(RUNNER) --local '$(INPUT)' --output $(OUTPUT) $(ARGS)
+endif
+
+build-remoteclip: OUTPUT = out/remoteclip
+build-remoteclip: $(STAMP)
+ifeq ($(strip $(INPUT)),)
+	$(PY) -m pipelines.demo build --out $(DEMO) --port $(DEMO_PORT) --if-missing
+	$(PY) -m pipelines.demo run --out $(DEMO) --port $(DEMO_PORT) --recipe remoteclip -- \
+	  --runner $(RUNNER) --output $(OUTPUT) $(ARGS)
+else
+	$(PY) -m pipelines.recipes.remoteclip --runner $(RUNNER) --annotations '$(INPUT)' \
+	  --output $(OUTPUT) $(ARGS)
+endif
+
+# the counting benchmark from held-out detection annotations (default: the demo world's)
+ANNOTATIONS ?=
+remotecount: OUTPUT = out/remotecount
+remotecount: $(STAMP)
+ifeq ($(strip $(ANNOTATIONS)),)
+	$(PY) -m pipelines.demo build --out $(DEMO) --port $(DEMO_PORT) --if-missing
+	$(PY) -m pipelines.remotecount --annotations "$$(cat $(DEMO)/remoteclip/heldout.txt)" \
+	  --out $(OUTPUT) $(ARGS)
+else
+	$(PY) -m pipelines.remotecount --annotations '$(ANNOTATIONS)' --out $(OUTPUT) $(ARGS)
 endif
 
 train: OUTPUT = out/train

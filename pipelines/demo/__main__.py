@@ -7,7 +7,8 @@
 
 ``build`` writes the world (:func:`pipelines.demo.pub11.build_pub11`; its URLs point at
 ``http://127.0.0.1:<port>``), its captioned folder (:func:`pipelines.demo.local.build_local`),
-its label-only archives for RS3 (:func:`pipelines.demo.rs3.build_rs3`) and the tiny models
+its label-only archives for RS3 (:func:`pipelines.demo.rs3.build_rs3`), its annotated datasets
+for RemoteCLIP (:func:`pipelines.demo.remoteclip.build_remoteclip`) and the tiny models
 (``DIR/models``: CLIP, the RS probe, and a BLIP-2 trained briefly on the demo scenes). ``--if-missing`` keeps a world whose ``world.json`` has
 the same seed, base URL, parameters and generator version.
 
@@ -88,6 +89,7 @@ def cmd_build(args: argparse.Namespace) -> int:
     params = {"n_rs": args.n_rs, "n_non_rs": args.n_non_rs, "n_probe": args.n_probe}
     params["n_local"] = args.n_local
     params["n_rs3"] = args.n_rs3
+    params["n_remoteclip"] = args.n_remoteclip
     fresh = args.if_missing and world_is_current(out, args.seed, base_url, params)
     if fresh:
         log.info("demo world in %s is current (seed %d, %s): kept", out, args.seed, base_url)
@@ -96,7 +98,8 @@ def cmd_build(args: argparse.Namespace) -> int:
         log.info("building the demo world in %s (seed %d, %s)", out, args.seed, base_url)
         summary = build_pub11(out, base_url, args.seed, args.n_rs, args.n_non_rs,
                               n_probe=args.n_probe,
-                              extra_params={"n_local": args.n_local, "n_rs3": args.n_rs3})
+                              extra_params={"n_local": args.n_local, "n_rs3": args.n_rs3,
+                                            "n_remoteclip": args.n_remoteclip})
         print(f"demo world: {out}")
         print(f"  rows: {summary['rows']} {summary['rows_by_source']}")
         print(f"  expected: {summary['expected']}; aerial images: {summary['is_rs']}")
@@ -104,17 +107,20 @@ def cmd_build(args: argparse.Namespace) -> int:
               f"{sum(summary['planted'].values())} rows; image files: {summary['image_files']}")
         print(f"  probe: {summary['probe']}")
         from pipelines.demo.local import build_local
+        from pipelines.demo.remoteclip import build_remoteclip
         from pipelines.demo.rs3 import build_rs3
 
         try:
             local = build_local(out, args.seed, args.n_local)
             rs3 = build_rs3(out, args.seed, n_fmow=args.n_rs3, n_ben=args.n_rs3,
                             n_millionaid=args.n_rs3)
+            rc = build_remoteclip(out, args.seed, n=args.n_remoteclip)
         except BaseException:
             os.remove(os.path.join(out, "world.json"))  # not a finished world
             raise
         print(f"  local folder: {local['rows']} table lines ({local['planted']} planted)")
-        print(f"  rs3 archives: {rs3}")
+        print(f"  rs3 archives: {rs3['rows']} entries {rs3['by_source']}")
+        print(f"  remoteclip datasets: {rc['rows']} images {rc['by_source']}")
     models_dir = os.path.join(out, "models")
     if fresh and _models_present(models_dir):
         log.info("tiny models in %s are present: kept", models_dir)
@@ -269,6 +275,8 @@ def parser() -> argparse.ArgumentParser:
                    "folder (local/)")
     b.add_argument("--n-rs3", type=int, default=48, help="clean images per RS3 archive "
                    "(fMoW, BigEarthNet, MillionAID; rs3/)")
+    b.add_argument("--n-remoteclip", type=int, default=24, help="clean images per annotated "
+                   "dataset (remoteclip/)")
     b.set_defaults(func=cmd_build)
 
     s = sub.add_parser("serve", help="serve DIR/www around a command",
@@ -283,7 +291,8 @@ def parser() -> argparse.ArgumentParser:
                              "[--recipe rs5m] -- RECIPE ARGS...")
     r.add_argument("--out", required=True, help="world folder, e.g. data/demo")
     r.add_argument("--port", type=int, default=DEFAULT_PORT)
-    r.add_argument("--recipe", default="rs5m", help="rs5m | local (default %(default)s)")
+    r.add_argument("--recipe", default="rs5m", help="rs5m | local | remoteclip (default "
+                   "%(default)s)")
     r.add_argument("args", nargs=argparse.REMAINDER, help="the recipe's flags (after --)")
     r.set_defaults(func=cmd_run)
 

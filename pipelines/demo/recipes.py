@@ -4,7 +4,8 @@ Recipes know nothing of the demo (dependencies run one way); the demo knows each
 flags. ``recipe_args(world, "rs5m")`` is what ``make build-rs5m`` (``python -m pipelines.demo
 run``) puts before the user's own flags (which win, being later):
 
-* the inputs: the world's web parquet (``pub11/*/*.parquet``), label-only archives
+* the inputs: for ``remoteclip`` the annotated datasets the world lists in
+  ``remoteclip/annotations.txt``; otherwise the world's web parquet (``pub11/*/*.parquet``), label-only archives
   (``rs3/fmow-rgb``, ``rs3/fmow-full``, ``rs3/bigearthnet``, ``rs3/millionaid``) and
   captioned folder (``local/``), whichever the world has;
 * the tiny models the world built (``models/tiny-clip``, ``models/rs_probe.json``,
@@ -27,7 +28,7 @@ WORLD_LIMITS = [
     "--allow_networks", "127.0.0.0/8",
     "--semdedup_eps", "0.0002", "--decontam_cosine", "0.9998",
 ]
-RECIPES = ("rs5m", "local")
+RECIPES = ("rs5m", "local", "remoteclip")
 
 
 def recipe_args(world: str, recipe: str = "rs5m") -> list[str]:
@@ -52,6 +53,16 @@ def recipe_args(world: str, recipe: str = "rs5m") -> list[str]:
                     args += [flag, os.path.join(rs3, d)]
             args += ["--captioner", os.path.join(models, "tiny-blip2"),
                      "--caption_max_new_tokens", "12"]
+    elif recipe == "remoteclip":
+        # the world's large scene (2200x1650) is cut into 1024 px tiles
+        args += ["--clip_model", os.path.join(models, "tiny-clip"), "--tile", "1024"]
+        listing = os.path.join(world, "remoteclip", "annotations.txt")
+        if os.path.isfile(listing):
+            with open(listing, encoding="utf-8") as f:
+                for line in f:
+                    if line.strip():
+                        args += ["--annotations", line.strip()]
+        return args  # the captioned folder is rs5m's and local's
     else:
         args += ["--clip_model", os.path.join(models, "tiny-clip")]
     if os.path.isdir(local):

@@ -289,6 +289,10 @@ def _world_pool(out_dir: str) -> _Pool:
             with open(path, "rb") as f:
                 body = f.read()
             try:
+                if path.lower().endswith((".tif", ".tiff")):  # fMoW-full: what its source hands
+                    from pipelines.sources.fmow import tiff_body  # on to Decode (PIL cannot
+                                                                  # read 8-band TIFFs)
+                    body = tiff_body(body)[0]
                 hashes = _decoded_hashes(body)
             except RuntimeError:  # not a picture Decode reads
                 hashes = None

@@ -35,7 +35,7 @@ def outcomes(output: str, demo_world: str) -> list[dict[str, Any]]:
     if "pub11" in built or not built:
         truths.append(f"SELECT 'pub11' AS subset, *, NULL::VARCHAR AS shared_key "
                       f"FROM read_parquet('{gt}')")
-    for subset in ("local", "rs3"):
+    for subset in ("local", "rs3", "remoteclip"):
         path = os.path.join(demo_world, f"{subset}_truth.parquet")
         if subset in built and os.path.exists(path):
             truths.append(f"SELECT '{subset}' AS subset, * FROM read_parquet('{path}')")
@@ -64,12 +64,32 @@ def outcomes(output: str, demo_world: str) -> list[dict[str, Any]]:
     )
     names = [d[0] for d in cur.description]
     rows = [dict(zip(names, r, strict=True)) for r in cur.fetchall()]
+    _scenes_and_unread(con, index, rows)
     shared = {r["shared_key"] for r in rows if r.get("shared_key")}
     for r in rows:
         if r["subset"] == "pub11" and r["key"] in shared:
             r.update(expected="duplicate", expected_stage="dedup", expected_reason="sha256",
                      planted=r["planted"] or "shared_with_local")
     return rows
+
+
+def _scenes_and_unread(con: Any, index: str, rows: list[dict[str, Any]]) -> None:
+    """Rows the truth cannot name one outcome for: a large scene (``expected`` "tiled") ends
+    as the tiles kept from it (``{source_id}@x_y_size``); an image the recipe must not read
+    (``expected`` "not_read", a caption set's test split) ends nowhere."""
+    tiles: dict[tuple[str, str], int] = {}
+    if any(r["expected"] == "tiled" for r in rows):
+        for source, source_id in con.execute(
+                f"SELECT source, source_id FROM {index} WHERE source_id LIKE '%@%'").fetchall():
+            scene = (source, source_id.split("@", 1)[0])
+            tiles[scene] = tiles.get(scene, 0) + 1
+    for r in rows:
+        if r["expected"] == "tiled" and r["outcome"] is None:
+            if tiles.get((r["source"], r["source_id"])):
+                r.update(outcome="tiled", got_stage="sink",
+                         got_reason=f"{tiles[(r['source'], r['source_id'])]} tiles")
+        elif r["expected"] == "not_read" and r["outcome"] is None:
+            r.update(outcome="not_read")
 
 
 def rs_filter_scores(rows: list[dict[str, Any]]) -> dict[str, float]:
