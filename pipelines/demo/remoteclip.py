@@ -100,6 +100,7 @@ from PIL import Image, ImageDraw
 
 from pipelines.demo import scenes
 from pipelines.demo.local import _TRUTH_SCHEMA as _LOCAL_TRUTH_SCHEMA
+from pipelines.demo.truth import tally, write_truth
 
 FOLDER = "remoteclip"
 TRUTH = "remoteclip_truth.parquet"
@@ -1022,24 +1023,15 @@ def build_remoteclip(out_dir: str, seed: int = 0, n: int = 24) -> dict[str, Any]
     abs_root = os.path.abspath(root)
     b.write(ANNOTATIONS_FILE, "\n".join(annotation_specs(abs_root)) + "\n")
     b.write(HELDOUT_FILE, f"{HELDOUT}=dota:{abs_root}/{HELDOUT}\n")
-    rows = [{c: t.get(c) for c in _TRUTH_SCHEMA.names} for t in b.truth]
-    pq.write_table(pa.Table.from_pylist(rows, schema=_TRUTH_SCHEMA), truth_path,
-                   compression="snappy")
-
-    def count(col: str) -> dict[str, int]:
-        out: dict[str, int] = {}
-        for r in rows:
-            if r[col] is not None:
-                out[r[col]] = out.get(r[col], 0) + 1
-        return dict(sorted(out.items()))
+    rows = write_truth(b.truth, _TRUTH_SCHEMA, truth_path)
 
     survivor = next(r["key"] for r in rows if r["planted"] == "same_scene"
                     and r["expected"] == "kept")
     return {
         "rows": len(rows),
-        "by_source": count("source"),
-        "expected": count("expected"),
-        "planted": count("planted"),
+        "by_source": tally(rows, "source"),
+        "expected": tally(rows, "expected"),
+        "planted": tally(rows, "planted"),
         "annotations": annotation_specs(os.path.abspath(root)),
         "heldout": f"{HELDOUT}=dota:{os.path.abspath(root)}/{HELDOUT}",
         "decontam": f"{RSICD_TEST}={os.path.join(root, RSICD_TEST)}",

@@ -56,6 +56,7 @@ from PIL import Image
 
 from pipelines.demo import scenes
 from pipelines.demo.local import _TRUTH_SCHEMA as _LOCAL_TRUTH_SCHEMA
+from pipelines.demo.truth import tally, write_truth
 
 FOLDER = "rs3"
 TRUTH = "rs3_truth.parquet"
@@ -699,22 +700,13 @@ def build_rs3(out_dir: str, seed: int = 0, n_fmow: int = 24, n_ben: int = 24,
     _build_fmow_planted(w)
     _build_ben(w, n_ben)
     _build_millionaid(w, n_millionaid)
-    rows = [{k: t.get(k) for k in _TRUTH_SCHEMA.names} for t in w.truth]
-    pq.write_table(pa.Table.from_pylist(rows, schema=_TRUTH_SCHEMA), truth_path,
-                   compression="snappy")
-
-    def count(col: str) -> dict[str, int]:
-        out: dict[str, int] = {}
-        for r in rows:
-            if r[col] is not None:
-                out[r[col]] = out.get(r[col], 0) + 1
-        return dict(sorted(out.items()))
+    rows = write_truth(w.truth, _TRUTH_SCHEMA, truth_path)
 
     return {
         "rows": len(rows),
-        "by_source": count("source"),
-        "expected": count("expected"),
-        "planted": count("planted"),
+        "by_source": tally(rows, "source"),
+        "expected": tally(rows, "expected"),
+        "planted": tally(rows, "planted"),
         "roots": {"fmow": f"{root}/{FMOW_RGB},{root}/{FMOW_FULL}",
                   "bigearthnet": f"{root}/{BEN}", "millionaid": f"{root}/{MILLIONAID}"},
         "truth": truth_path,

@@ -829,6 +829,19 @@ def _json_reject(spec: AnnotationSpec, rel: str, e: ArchiveError) -> dict[str, A
                  error=(e.reason, e.detail))
 
 
+def _listing_json(spec: AnnotationSpec, files: dict[str, int], rel: str, max_json_bytes: int,
+                  parse: Any, items: dict[str, dict[str, Any]]) -> Any:
+    """``parse`` of the JSON at ``rel`` (size-capped), or None with its reject item added."""
+    try:
+        if files[rel] > max_json_bytes:
+            raise AnnotationError("too_large", f"{rel} has {files[rel]} bytes > "
+                                               f"max_json_bytes {max_json_bytes}")
+        return parse(_read_json(archives.rel_join(spec.root, rel), max_json_bytes))
+    except ArchiveError as e:
+        items.setdefault(posixpath.splitext(rel)[0], _json_reject(spec, rel, e))
+        return None
+
+
 def _list_coco(spec: AnnotationSpec, files: dict[str, int],
                max_json_bytes: int) -> list[dict[str, Any]]:
     index = _images_index(files)
@@ -837,13 +850,8 @@ def _list_coco(spec: AnnotationSpec, files: dict[str, int],
              and r.lower().endswith(".json")]
     for rel in jsons:
         path = archives.rel_join(spec.root, rel)
-        try:
-            if files[rel] > max_json_bytes:
-                raise AnnotationError("too_large", f"{rel} has {files[rel]} bytes > "
-                                                   f"max_json_bytes {max_json_bytes}")
-            images = parse_coco(_read_json(path, max_json_bytes))
-        except ArchiveError as e:
-            items.setdefault(posixpath.splitext(rel)[0], _json_reject(spec, rel, e))
+        images = _listing_json(spec, files, rel, max_json_bytes, parse_coco, items)
+        if images is None:
             continue
         stem = posixpath.splitext(posixpath.basename(rel))[0]
         splits = list(dict.fromkeys([stem, stem.split("_", 1)[-1]]))
@@ -874,13 +882,8 @@ def _list_karpathy(spec: AnnotationSpec, files: dict[str, int],
     jsons = [r for r in files if "/" not in r and r.lower().endswith(".json")]
     for rel in jsons:
         path = archives.rel_join(spec.root, rel)
-        try:
-            if files[rel] > max_json_bytes:
-                raise AnnotationError("too_large", f"{rel} has {files[rel]} bytes > "
-                                                   f"max_json_bytes {max_json_bytes}")
-            entries = karpathy_train_items(_read_json(path, max_json_bytes))
-        except ArchiveError as e:
-            items.setdefault(posixpath.splitext(rel)[0], _json_reject(spec, rel, e))
+        entries = _listing_json(spec, files, rel, max_json_bytes, karpathy_train_items, items)
+        if entries is None:
             continue
         for en in entries:
             if "error" in en:
