@@ -565,3 +565,48 @@ def test_read_annotations_validates_arguments(tmp_path):
         ann.ReadAnnotations([f"x=dota:{tmp_path}"], "remoteclip", tile=0)
     with pytest.raises(FileNotFoundError):
         ann.ReadAnnotations([f"x=dota:{tmp_path}/nope"], "remoteclip")
+
+
+def test_a_second_image_with_an_annotated_stem_is_a_counted_reject(tmp_path):
+    from PIL import Image
+
+    from pipelines.sources.annotations import list_spec, parse_spec, read_item
+
+    root = tmp_path / "dota"
+    (root / "images").mkdir(parents=True)
+    (root / "labelTxt").mkdir()
+    Image.new("RGB", (64, 64), (90, 90, 90)).save(root / "images" / "P1.png")
+    Image.new("RGB", (64, 64), (10, 90, 90)).save(root / "images" / "P1.jpg")
+    (root / "labelTxt" / "P1.txt").write_text("1 1 20 1 20 20 1 20 plane 0\n")
+    items = list_spec(parse_spec(f"d=dota:{root}"))
+    out = [x for it in items for x in read_item(it, subset="s")]
+    kept = [x for x in out if isinstance(x, dict)]
+    rejected = [x for x in out if not isinstance(x, dict)]
+    assert [r["source_id"] for r in kept] == ["P1"] and kept[0]["url"].endswith("P1.jpg")
+    assert [(r[0]["source_id"], r[1].reason) for r in rejected] == [
+        ("P1.png", "duplicate_image_name")]
+    assert len({r["key"] for r in kept} | {r[0]["key"] for r in rejected}) == 2
+
+
+def test_a_coco_image_named_twice_is_one_record_and_one_counted_reject(tmp_path):
+    import json as _json
+
+    from PIL import Image
+
+    from pipelines.sources.annotations import list_spec, parse_spec, read_item
+
+    root = tmp_path / "coco"
+    (root / "annotations").mkdir(parents=True)
+    (root / "images").mkdir()
+    Image.new("RGB", (64, 64), (90, 90, 90)).save(root / "images" / "a.jpg")
+    doc = {"images": [{"id": 1, "file_name": "a.jpg", "width": 64, "height": 64},
+                      {"id": 2, "file_name": "a.jpg", "width": 64, "height": 64}],
+           "annotations": [{"id": i, "image_id": i, "category_id": 1, "bbox": [2, 2, 20, 20]}
+                           for i in (1, 2)],
+           "categories": [{"id": 1, "name": "plane"}]}
+    (root / "annotations" / "instances_train.json").write_text(_json.dumps(doc))
+    out = [x for it in list_spec(parse_spec(f"c=coco:{root}"))
+           for x in read_item(it, subset="s")]
+    assert [x["source_id"] for x in out if isinstance(x, dict)] == ["a"]
+    assert [(x[0]["source_id"], x[1].reason) for x in out if not isinstance(x, dict)] == [
+        ("a#repeat1", "duplicate_image_name")]

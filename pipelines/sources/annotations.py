@@ -85,7 +85,9 @@ shape, an XML with entity declarations, a YOLO root without class names),
 ``no_objects``, ``no_captions`` (a Karpathy train image without a sentence), ``too_large``
 (a file over ``max_bytes``, a COCO/Karpathy JSON over ``max_json_bytes``, a scene over
 ``tile_max_pixels``), ``path_outside_root`` (a JSON's file name that is absolute or climbs
-out with ``..``; any file that resolves through a symlink outside the root).
+out with ``..``; any file that resolves through a symlink outside the root),
+``duplicate_image_name`` (a second image with an annotated image's stem, ``a.png`` beside
+``a.jpg``: the first by name takes the annotation, the other is this reject).
 
 **Safety.** Every file is read with a byte cap; XML is parsed by ``defusedxml`` when it is
 installed, else by expat with every entity declaration refused (billion laughs, quadratic
@@ -137,6 +139,7 @@ REASONS = (
     "no_captions",
     "too_large",
     "path_outside_root",
+    "duplicate_image_name",
 )
 #: the most bytes of an image (a 20,000 px DOTA PNG is a few hundred MB)
 DEFAULT_MAX_BYTES = archives.DEFAULT_MAX_BYTES
@@ -724,9 +727,10 @@ def _item(spec: AnnotationSpec, source_id: str, **kw: Any) -> dict[str, Any]:
 def _paired(files: dict[str, int], img_dir: str, ann_dir: str,
             ann_ok: Any) -> dict[str, dict[str, Any]]:
     """``{source_id: {"image", "image_bytes", "ann", "ann_bytes"}}`` pairing
-    ``P/<img_dir>/R.*`` with ``P/<ann_dir>/R.*`` (the first by name when a stem repeats)."""
+    ``P/<img_dir>/R.*`` with ``P/<ann_dir>/R.*`` (the first by name when a stem repeats; the
+    other images of that stem are kept in the slot's ``repeats`` and become rejects)."""
     out: dict[str, dict[str, Any]] = {}
-    for rel, size in files.items():
+    for rel, size in sorted(files.items()):
         parts = rel.split("/")
         for d, kind in ((img_dir, "image"), (ann_dir, "ann")):
             if d not in parts[:-1]:
@@ -741,6 +745,8 @@ def _paired(files: dict[str, int], img_dir: str, ann_dir: str,
                                         "ann_bytes": None})
             if slot[kind] is None:
                 slot[kind], slot[f"{kind}_bytes"] = rel, size
+            elif kind == "image":
+                slot.setdefault("repeats", []).append(rel)
     return out
 
 
@@ -776,7 +782,12 @@ def _list_per_file(spec: AnnotationSpec, files: dict[str, int]) -> list[dict[str
                 pairs.setdefault(sid, slot)
     items = []
     for sid in sorted(pairs):
-        p = pairs[sid]
+        p = dict(pairs[sid])
+        for rel in p.pop("repeats", []):  # a.png beside a.jpg: one annotation, two images
+            items.append(_item(spec, f"{sid}{posixpath.splitext(rel)[1]}",
+                               url=archives.rel_join(spec.root, rel),
+                               error=("duplicate_image_name",
+                                      f"{rel}: its annotation is {p['image']}'s")))
         it = _item(spec, sid, **p, url=archives.rel_join(spec.root, p["image"] or p["ann"]))
         if fmt == "yolo":
             it["names"] = names
@@ -829,6 +840,19 @@ def _json_reject(spec: AnnotationSpec, rel: str, e: ArchiveError) -> dict[str, A
                  error=(e.reason, e.detail))
 
 
+def _add_item(items: dict[str, dict[str, Any]], spec: AnnotationSpec, sid: str,
+              item: dict[str, Any]) -> None:
+    """``items[sid] = item``; a JSON entry naming an image an earlier entry named is a
+    ``duplicate_image_name`` reject of its own (counted, not dropped)."""
+    if sid not in items:
+        items[sid] = item
+        return
+    n = sum(1 for k in items if k.startswith(f"{sid}#repeat"))
+    dup = f"{sid}#repeat{n + 1}"
+    items[dup] = _item(spec, dup, url=item.get("url"),
+                       error=("duplicate_image_name", f"an earlier entry already names {sid}"))
+
+
 def _listing_json(spec: AnnotationSpec, files: dict[str, int], rel: str, max_json_bytes: int,
                   parse: Any, items: dict[str, dict[str, Any]]) -> Any:
     """``parse`` of the JSON at ``rel`` (size-capped), or None with its reject item added."""
@@ -871,7 +895,7 @@ def _list_coco(spec: AnnotationSpec, files: dict[str, int],
                        if im.width and im.height else None, extra=extra)
             if im.malformed:
                 it["error"] = ("annotation_malformed", f"{rel}: {im.malformed}")
-            items.setdefault(sid, it)
+            _add_item(items, spec, sid, it)
     return [items[k] for k in sorted(items)]
 
 
@@ -900,7 +924,7 @@ def _list_karpathy(spec: AnnotationSpec, files: dict[str, int],
                                                     error=(e.reason, e.detail)))
                 continue
             sid = source_id_of(at)
-            items.setdefault(sid, _item(
+            _add_item(items, spec, sid, _item(
                 spec, sid, image=found, image_bytes=files.get(found or ""),
                 url=archives.rel_join(spec.root, at), captions=en["sentences"],
                 extra={"json": rel, "imgid": en["imgid"], "split": en["split"]}))
