@@ -25,7 +25,6 @@ the counting benchmark (``make remotecount`` writes their manifest) are kept out
 from __future__ import annotations
 
 import argparse
-import json
 from typing import Any
 
 import apache_beam as beam
@@ -116,7 +115,7 @@ class RemoteClipHead(kit.Head):
                      for s in specs if s.format == "karpathy"]
             cfg["decontam"] = list(cfg.get("decontam") or []) + extra
         if cfg.get("holdout"):
-            cfg["_holdout"] = json.dumps(sorted(read_holdout(cfg["holdout"])))
+            read_holdout(cfg["holdout"])  # an unusable manifest fails before any work
 
     def expand(self, p: beam.Pipeline, cfg: dict[str, Any]) -> kit.Branch:
         from pipelines.sources.annotations import ReadAnnotations
@@ -128,9 +127,8 @@ class RemoteClipHead(kit.Head):
         subset = self.subset_name(cfg)
         b = kit.Branch.read(p, subset, "Read", ReadAnnotations(
             self.specs(cfg), subset, tile=cfg.get("tile"), tile_overlap=cfg["tile_overlap"]))
-        if cfg.get("_holdout"):
-            held = frozenset(tuple(x) for x in json.loads(cfg["_holdout"]))
-            b.apply_fn("Holdout", holdout_filter(held))
+        if cfg.get("holdout"):
+            b.apply_fn("Holdout", holdout_filter(read_holdout(cfg["holdout"])))
         b.apply("UniqueIds", UniqueKeys())
         b.apply("Decode", Decode(kit.image_config(cfg)))
         if cfg["dedup"]:
