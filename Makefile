@@ -127,7 +127,8 @@ perf-train: $(STAMP)
 	$(PY) -m trainer.perf $(ARGS)
 
 perf-caption: $(STAMP)
-	$(PY) -m pipelines.perf.caption $(ARGS)
+	$(PY) -m pipelines.demo.tiny_blip2 --out $(DEMO)/models/tiny-blip2
+	$(PY) -m pipelines.perf.caption --model $(DEMO)/models/tiny-blip2 $(ARGS)
 
 clean:
 	rm -rf out data

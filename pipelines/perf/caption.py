@@ -1,6 +1,6 @@
 """``python -m pipelines.perf.caption``: images/s of our captioning path against a plain baseline.
 
-Both sides caption the SAME ``--n`` demo scenes (JPEG bytes, ``held_out_scenes``) with the
+Both sides caption the SAME ``--n`` pictures (seeded smooth RGB textures, JPEG bytes) with the
 same model directory at EQUAL generation settings: one candidate, greedy decoding, and a fixed
 caption length (``min_new_tokens = max_new_tokens = --tokens``), so both do the same number of
 decoding steps per image and only the execution differs:
@@ -16,9 +16,9 @@ the fastest pass counts (the machines we share are noisy). The table shows secon
 captions agree between the two (equal on CPU, where both run fp32; with bf16 on a GPU a few
 may differ). The last line printed is ``ratio <ours/baseline images per second>``.
 
-Model: ``--model DIR`` (any local BLIP-2/BLIP directory); default: the tiny BLIP-2 of
-``pipelines.demo.tiny_blip2``, built once into ``$RS_CORPUS_MODEL_CACHE`` (or
-``<tmp>/rs-corpus-models``)/tiny-blip2-seed0. ``--size opt-2.7b`` instead builds a BLIP-2 with
+Model: ``--model DIR`` (any local BLIP-2/BLIP directory; ``make perf-caption`` passes the demo's
+tiny BLIP-2, building it first with ``python -m pipelines.demo.tiny_blip2``). ``--size
+opt-2.7b`` instead builds a BLIP-2 with
 the published sizes of Salesforce/blip2-opt-2.7b (ViT-g 39 layers 1408-d at 224 px, Q-Former
 12 layers 768-d with 32 queries, OPT-2.7B 32 layers 2560-d, vocabulary 50304; ~3.8 B
 parameters) and RANDOM weights — no download — saved in fp16, with a synthetic word-level
@@ -30,8 +30,8 @@ On a GPU machine (H100/H200, a few minutes in all)::
     python -m pipelines.perf.caption --size opt-2.7b --device cuda --precision bf16 \\
         --n 64 --batch_size 16 --tokens 30
 
-CPU (2 cores), tiny model: ``python -m pipelines.perf.caption`` (about a minute the first time,
-the build included).
+CPU (2 cores), tiny model: ``make perf-caption`` (about a minute the first time, the build
+included).
 """
 
 from __future__ import annotations
@@ -74,11 +74,25 @@ def default_cache() -> str:
     return str(cache_root())
 
 
-def tiny_model_dir(seed: int = 0) -> str:
-    from pipelines.demo.tiny_blip2 import build_tiny_blip2
+def pictures(n: int, seed: int = 7, size: int = 256) -> list[bytes]:
+    """``n`` seeded pictures (smooth colour fields plus grain) as JPEG bytes: the throughput
+    of captioning does not depend on what the pictures show."""
+    import io
 
-    out = os.path.join(default_cache(), f"tiny-blip2-seed{seed}")
-    return build_tiny_blip2(out, seed=seed)["model_dir"]
+    import numpy as np
+    from PIL import Image
+
+    out = []
+    for i in range(n):
+        rng = np.random.default_rng([seed, i])
+        coarse = Image.fromarray(rng.integers(0, 256, (6, 6, 3), dtype=np.uint8), "RGB")
+        base = np.asarray(coarse.resize((size, size), Image.Resampling.BICUBIC), np.int16)
+        grain = rng.integers(-10, 11, base.shape, dtype=np.int16)
+        buf = io.BytesIO()
+        Image.fromarray(np.clip(base + grain, 0, 255).astype(np.uint8)).save(buf, "JPEG",
+                                                                            quality=90)
+        out.append(buf.getvalue())
+    return out
 
 
 def _synthetic_tokenizer(vocab_size: int, specials: dict[int, str]) -> Any:
@@ -210,11 +224,8 @@ def _free() -> None:
 
 def run(model_dir: str, n: int, device: str, precision: str, batch_size: int,
         tokens: int, repeats: int = 3) -> dict[str, Any]:
-    """Measure both sides on ``n`` scenes; the rows of the table and the ratio."""
-    from pipelines.demo.tiny_blip2 import held_out_scenes
-
-    scenes = held_out_scenes(n, seed=7)
-    records = [{"key": f"perf-{i}", "_image": b} for i, (_, b) in enumerate(scenes)]
+    """Measure both sides on ``n`` pictures; the rows of the table and the ratio."""
+    records = [{"key": f"perf-{i}", "_image": b} for i, b in enumerate(pictures(n))]
     ours_s, ours_caps, dtype = measure_ours(model_dir, records, device, precision, batch_size,
                                             tokens, repeats)
     base_s, base_caps = measure_baseline(model_dir, records, device, tokens, repeats)
@@ -232,9 +243,11 @@ def run(model_dir: str, n: int, device: str, precision: str, batch_size: int,
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m pipelines.perf.caption", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", help="local BLIP-2/BLIP directory (default: the tiny BLIP-2)")
-    ap.add_argument("--size", choices=["tiny", "opt-2.7b"], default="tiny",
-                    help="without --model: which BLIP-2 to build (opt-2.7b: GPU only)")
+    ap.add_argument("--model", help="local BLIP-2/BLIP directory (`make perf-caption` passes "
+                    "the demo's tiny BLIP-2)")
+    ap.add_argument("--size", choices=["opt-2.7b"],
+                    help="without --model: build a BLIP-2 of OPT-2.7B's size, random weights "
+                    "(GPU only)")
     ap.add_argument("--n", type=int, default=64)
     ap.add_argument("--device", choices=["cpu", "cuda"], default=None,
                     help="default: cuda when present")
@@ -257,7 +270,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                              "use --size tiny or --model DIR")
         model_dir = build_opt_2_7b(os.path.join(default_cache(), "blip2-opt-2.7b-random"))
     else:
-        model_dir = tiny_model_dir()
+        raise SystemExit("pass --model DIR (a local BLIP-2/BLIP directory) or --size opt-2.7b "
+                         "on a GPU; `make perf-caption` builds and passes the demo's tiny BLIP-2")
     if args.n < 1 or args.batch_size < 1:
         raise SystemExit("--n and --batch_size must be >= 1")
     res = run(model_dir, args.n, device, args.precision, args.batch_size, args.tokens,
