@@ -25,6 +25,14 @@ def make_key(source: str, source_id: str, variant: str = "") -> str:
     return h[:20]
 
 
+def new_record(subset: str, source: str, source_id: str, url: str | None = None,
+               **fields: Any) -> dict[str, Any]:
+    """An input record: its provenance (``key`` from source and source_id, ``subset``,
+    ``source``, ``source_id``, ``url``), then ``fields`` in the order given."""
+    return {"key": make_key(source, source_id), "subset": subset, "source": source,
+            "source_id": source_id, "url": url, **fields}
+
+
 def stable_hash(text: str) -> int:
     """A 64-bit hash that is the same in every process and on every runner (unlike ``hash``)."""
     return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big")

@@ -88,7 +88,6 @@ import io
 import json
 import math
 import os
-import posixpath
 import shutil
 from collections.abc import Callable
 from typing import Any
@@ -217,19 +216,12 @@ def _hex(h: int) -> str:
     return f"{h:016x}"
 
 
-#: image folder segments a source_id leaves out (``pipelines.sources.annotations``' rule)
-IMAGE_DIRS = ("images", "JPEGImages", "images_png", "imgs")
-
 
 def _sid(rel: str) -> str:
-    """source_id: the image path relative to the dataset root, without extension and without
-    the layout's image folder (``images/P0001.png`` → ``P0001``)."""
-    parts = posixpath.splitext(rel)[0].split("/")
-    for i, seg in enumerate(parts[:-1]):
-        if seg in IMAGE_DIRS:
-            del parts[i]
-            break
-    return "/".join(parts)
+    """source_id: as the annotation sources name it (``images/P0001.png`` → ``P0001``)."""
+    from pipelines.sources.annotations import source_id_of
+
+    return source_id_of(rel)
 
 
 # ----------------------------------------------------------------------------- the pool

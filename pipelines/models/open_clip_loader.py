@@ -217,6 +217,16 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return dev
 
 
+def _check_architecture(model: str) -> None:
+    """Refuse a name that is neither one of our configs nor one of open_clip's."""
+    if model.replace("/", "-") not in open_clip.list_models():
+        raise ValueError(
+            f"unknown model {model!r}: neither a local open_clip model directory nor an "
+            f"architecture name (ours: {sorted(p.stem for p in CONFIG_DIR.glob('*.json'))}; "
+            "open_clip's: open_clip.list_models())"
+        )
+
+
 def _local_model(model: Any) -> str:
     """``model`` (a name, a directory, ``local-dir:DIR``) checked, with a directory on a Beam
     filesystem copied to the local cache (``localize``)."""
@@ -273,12 +283,7 @@ def load_open_clip(
         if pretrained is None and _dir_checkpoint(model_dir) is None:
             log.warning("no weights in %s: the model is randomly initialised", model_dir)
     else:
-        if model.replace("/", "-") not in open_clip.list_models():
-            raise ValueError(
-                f"unknown model {model!r}: neither a local open_clip model directory nor an "
-                f"architecture name (ours: {sorted(p.stem for p in CONFIG_DIR.glob('*.json'))}; "
-                "open_clip's: open_clip.list_models())"
-            )
+        _check_architecture(model)
         oc_name = model
         # pretrained=None here: we load the file ourselves so open_clip never treats it as a tag
         net = open_clip.create_model(model, pretrained=None, **common)
@@ -423,12 +428,7 @@ def load_tokenizer(model: str) -> tuple[Any, int]:
     if model_dir is not None:
         tokenizer = open_clip.get_tokenizer(f"{LOCAL_DIR_PREFIX}{model_dir}")
     else:
-        if model.replace("/", "-") not in open_clip.list_models():
-            raise ValueError(
-                f"unknown model {model!r}: neither a local open_clip model directory nor an "
-                f"architecture name (ours: {sorted(p.stem for p in CONFIG_DIR.glob('*.json'))}; "
-                "open_clip's: open_clip.list_models())"
-            )
+        _check_architecture(model)
         tokenizer = open_clip.get_tokenizer(model)
     context_length = int(getattr(tokenizer, "context_length", 0) or 0)
     if context_length <= 0:

@@ -113,8 +113,8 @@ from xml.parsers import expat
 import apache_beam as beam
 import numpy as np
 
-from pipelines import image_guard
-from pipelines.records import MAIN, REJECTS, make_key
+from pipelines import image_guard, records
+from pipelines.records import MAIN, REJECTS
 from pipelines.sources import archives
 from pipelines.sources.archives import ArchiveError, rejected, tagged
 from pipelines.sources.benchmarks import BenchmarkFormatError, inside, is_image
@@ -957,13 +957,10 @@ def new_record(item: dict[str, Any], subset: str, source_id: str | None = None
     """A record with every field the annotation sources set, empty where not read yet."""
     sid = source_id or item["source_id"]
     name = item["name"]
-    return {
-        "key": make_key(name, sid), "subset": subset, "source": name, "source_id": sid,
-        "url": item.get("url"), "license": None, "caption": None, "captions": None,
-        "caption_kind": None, "labels": None, "gsd_m": None, "extra": None,
-        "_body": None, "_objects": None, "_dropped_objects": None, "_mask": None,
-        "_image_size": None, "_order": f"{name}\x1f{sid}",
-    }
+    return records.new_record(
+        subset, name, sid, item.get("url"), license=None, caption=None, captions=None,
+        caption_kind=None, labels=None, gsd_m=None, extra=None, _body=None, _objects=None,
+        _dropped_objects=None, _mask=None, _image_size=None, _order=f"{name}\x1f{sid}")
 
 
 def _check_inside(item: dict[str, Any], rel: str) -> str:

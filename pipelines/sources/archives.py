@@ -46,7 +46,7 @@ import numpy as np
 from apache_beam.io.filesystems import FileSystems
 from PIL import Image
 
-from pipelines.records import MAIN, REJECTS, Reject, make_key, reject_row
+from pipelines.records import MAIN, REJECTS, Reject, new_record, reject_row
 from pipelines.sinks.shards import join
 
 STAGE = "read"
@@ -94,28 +94,12 @@ def base_record(source: str, source_id: str, url: str | None, subset: str,
                 license: str | None) -> dict[str, Any]:
     """A record with every field the archive sources set (see ``pipelines.recipes.rs3``),
     empty where the entry has not been read yet."""
-    return {
-        "key": make_key(source, source_id),
-        "subset": subset,
-        "source": source,
-        "source_id": source_id,
-        "url": url,
-        "license": license,
-        "caption": None,
-        "labels": None,
-        "acquired": None,
-        "gsd_m": None,
-        "crs": None,
-        "extra": None,
-        "_pixel_size": None,
-        "_footprint": None,
-        "_geo": None,
-        "_target_box": None,
-        "_meta": None,
-        "_body": None,
+    return new_record(
+        subset, source, source_id, url, license=license, caption=None, labels=None,
+        acquired=None, gsd_m=None, crs=None, extra=None, _pixel_size=None, _footprint=None,
+        _geo=None, _target_box=None, _meta=None, _body=None,
         # input order for stages that keep the first of a repeated key
-        "_order": f"{source}\x1f{source_id}",
-    }
+        _order=f"{source}\x1f{source_id}")
 
 
 def rejected(record: dict[str, Any], reason: str, detail: str | None = None

@@ -54,7 +54,7 @@ import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 
 import schemas
-from pipelines.records import MAIN, REJECTS, Reject, make_key, reject_row
+from pipelines.records import MAIN, REJECTS, Reject, new_record, reject_row
 from pipelines.sinks.shards import join
 from pipelines.sources.laion import MAX_CAPTION_CHARS, MAX_EXTRA_BYTES, _jsonable
 
@@ -192,18 +192,8 @@ def row_to_record(row: Any, *, root: str, subset: str, source: str, order: str,
 
 def _base(subset: str, source: str, source_id: str, url: str | None, order: str
           ) -> dict[str, Any]:
-    return {
-        "key": make_key(source, source_id),
-        "subset": subset,
-        "source": source,
-        "source_id": source_id,
-        "url": url,
-        "license": None,
-        "caption": None,
-        "caption_kind": DEFAULT_KIND,
-        "extra": None,
-        "_order": order,
-    }
+    return new_record(subset, source, source_id, url, license=None, caption=None,
+                      caption_kind=DEFAULT_KIND, extra=None, _order=order)
 
 
 def _open_text(path: str) -> str:

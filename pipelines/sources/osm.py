@@ -73,7 +73,7 @@ import shapely.wkb
 from apache_beam.io.filesystems import FileSystems
 from shapely.geometry import LineString, Point, Polygon
 
-from pipelines.records import MAIN, REJECTS, Reject, make_key, reject_row
+from pipelines.records import MAIN, REJECTS, Reject, new_record, reject_row
 
 STAGE = "read"
 SOURCE = "osm"
@@ -527,25 +527,19 @@ def osm_url(osm_type: str, osm_id: int) -> str:
 
 def object_record(obj: OsmObject, subset: str, path: str) -> dict[str, Any]:
     """The record of one kept object (see the module docstring)."""
-    return {
-        "key": make_key(SOURCE, obj.source_id),
-        "subset": subset,
-        "source": SOURCE,
-        "source_id": obj.source_id,
-        "url": osm_url(obj.osm_type, obj.osm_id),
-        "license": "ODbL-1.0",
-        "tags": dict(obj.tags),
-        "extra": json.dumps({"osm_version": obj.version, "extract": path}, sort_keys=True),
-        "_geometry_wkb": obj.wkb,
-        "_focus": {"key": obj.focus.key, "value": obj.tags.get(obj.focus.key, obj.focus.value)},
-        "_max_gsd": obj.max_gsd,
-        "_order": f"{SOURCE}\x1f{obj.source_id}",
-    }
+    return new_record(
+        subset, SOURCE, obj.source_id, osm_url(obj.osm_type, obj.osm_id),
+        license="ODbL-1.0",
+        tags=dict(obj.tags),
+        extra=json.dumps({"osm_version": obj.version, "extract": path}, sort_keys=True),
+        _geometry_wkb=obj.wkb,
+        _focus={"key": obj.focus.key, "value": obj.tags.get(obj.focus.key, obj.focus.value)},
+        _max_gsd=obj.max_gsd,
+        _order=f"{SOURCE}\x1f{obj.source_id}")
 
 
 def _reject_record(source_id: str, subset: str, url: str | None, tags: Any) -> dict[str, Any]:
-    return {"key": make_key(SOURCE, source_id), "subset": subset, "source": SOURCE,
-            "source_id": source_id, "url": url, "tags": tags}
+    return new_record(subset, SOURCE, source_id, url, tags=tags)
 
 
 def file_outputs(path: str, subset: str, table: TagTable, *, repair: bool = False,
