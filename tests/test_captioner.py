@@ -15,12 +15,11 @@ import torch
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
-from pipelines.demo.scenes import CLASSES, render_scene
+from pipelines.demo.scenes import CLASSES, names_scene, render_scene
 from pipelines.demo.tiny_blip2 import (
     MARKER,
     build_tiny_blip2,
     held_out_scenes,
-    names_scene,
     scene_naming_rate,
 )
 from pipelines.demo.tiny_models import build_tiny_clip

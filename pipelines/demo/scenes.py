@@ -17,6 +17,7 @@ Everything is a pure function of the ``numpy.random.Generator`` passed in.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -1037,6 +1038,12 @@ def _body(cls: str, meta: dict[str, Any], rng: np.random.Generator) -> str:
 def scene_phrase(cls: str, meta: dict[str, Any], rng: np.random.Generator) -> str:
     """The noun phrase of a caption without the RS opener ("a parking lot with 12 cars")."""
     return _body(cls, meta, rng)
+
+
+def names_scene(caption: str, cls: str) -> bool:
+    """Whether ``caption`` names scene class ``cls`` (one of ``CLASS_NAMES[cls]``, whole words)."""
+    text = " ".join(caption.lower().split())
+    return any(re.search(rf"\b{re.escape(name)}\b", text) for name in CLASS_NAMES[cls])
 
 
 def caption_scene(cls: str, meta: dict[str, Any], rng: np.random.Generator) -> str:

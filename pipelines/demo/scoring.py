@@ -136,15 +136,6 @@ def mismatches(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return bad
 
 
-def names_scene(caption: str, cls: str) -> bool:
-    """Whether ``caption`` names scene class ``cls`` (any of its names in the demo's
-    vocabulary, :data:`pipelines.demo.scenes.CLASS_NAMES`)."""
-    from pipelines.demo.scenes import CLASS_NAMES
-
-    text = " ".join(caption.lower().replace("_", " ").split())
-    return any(name in text for name in CLASS_NAMES[cls])
-
-
 def rs3_scores(output: str, demo_world: str, context_length: int = 77) -> dict[str, Any] | None:
     """How RS3's kept captions fare against the world's truth: the share whose picked and
     top generated captions name the scene, the share whose training caption exceeds the
@@ -163,6 +154,8 @@ def rs3_scores(output: str, demo_world: str, context_length: int = 77) -> dict[s
     if not rows:
         return None
     n = len(rows)
+    from pipelines.demo.scenes import names_scene
+
     picked = sum(names_scene(r[3][r[4]], r[7]) for r in rows)
     top = sum(names_scene(r[3][0], r[7]) for r in rows)
     over = sum((r[5] or 0) > context_length for r in rows)

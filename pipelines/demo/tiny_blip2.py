@@ -55,7 +55,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipelines.demo.scenes import CLASS_NAMES, CLASSES, render_scene, scene_phrase
+from pipelines.demo.scenes import CLASS_NAMES, CLASSES, names_scene, render_scene, scene_phrase
 
 log = logging.getLogger(__name__)
 
@@ -72,12 +72,6 @@ PAD_ID, BOS_ID, EOS_ID, UNK_ID, IMAGE_ID = range(5)
 OPENERS = ("an aerial image of", "a satellite image of", "an overhead view of")
 #: class names used without an article ("an aerial image of farmland")
 _MASS_NOUNS = ("farmland", "cropland", "woodland", "desert")
-
-
-def names_scene(caption: str, cls: str) -> bool:
-    """Whether ``caption`` names scene class ``cls`` (one of ``CLASS_NAMES[cls]``, whole words)."""
-    text = " ".join(caption.lower().split())
-    return any(re.search(rf"\b{re.escape(name)}\b", text) for name in CLASS_NAMES[cls])
 
 
 def _clean(text: str) -> str:
