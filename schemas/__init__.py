@@ -14,14 +14,16 @@ recipe (``web`` replaces ``alt_text``), ``stats.json`` per subset plus a merged 
 (``subsets``, ``by_subset``, ``subset`` on every count); 1.2 the RS3 columns: place
 (``city``/``region``/``country``), ``season``, ``cloud_cover``, ``off_nadir_deg``,
 ``target_position``, and the generated captions (``generated``, ``generated_scores``,
-``generated_pick``), ``meta_caption``, ``meta_dropped``, ``caption_tokens``.
+``generated_pick``), ``meta_caption``, ``meta_dropped``, ``caption_tokens``; 1.3 the SkyScript
+columns: ``osm_type``, ``osm_id``, ``other_ids``, ``other_tags`` (the other OSM objects in the
+tile) and ``collection`` (the imagery collection).
 """
 
 from __future__ import annotations
 
 import pyarrow as pa
 
-SCHEMA_VERSION = "1.2"
+SCHEMA_VERSION = "1.3"
 METADATA_KEY = b"rs_corpus.schema"
 
 #: what wrote a sample's ``caption``/``captions`` (``caption_kind``)
@@ -100,6 +102,12 @@ SAMPLE_FIELDS = [
     pa.field("target_position", pa.string()),
     pa.field("labels", pa.list_(pa.string())),  # class labels of the source archive
     pa.field("tags", pa.map_(pa.string(), pa.string())),  # OSM tags
+    pa.field("osm_type", pa.string()),  # "n" | "w" | "r" (node, way, relation)
+    pa.field("osm_id", pa.int64()),
+    # the other OSM objects whose geometry intersects the tile, sorted by id
+    pa.field("other_ids", pa.list_(pa.string())),
+    pa.field("other_tags", pa.list_(pa.map_(pa.string(), pa.string()))),
+    pa.field("collection", pa.string()),  # the imagery collection the tile was cut from
     pa.field("boxes", pa.list_(BOX)),  # objects in the written image's pixels
     # input columns we do not interpret, kept verbatim as a JSON object
     pa.field("extra", pa.string()),

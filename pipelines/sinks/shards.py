@@ -104,10 +104,13 @@ def _tar_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 
 
 def sample_json(row: dict[str, Any]) -> bytes:
-    """The ``{key}.json`` member: the index row, with tags as an object."""
+    """The ``{key}.json`` member: the index row, with tags (and each of ``other_tags``) as an
+    object."""
     doc = dict(row)
     if isinstance(doc.get("tags"), list):  # pyarrow map → list of pairs
         doc["tags"] = dict(doc["tags"])
+    if isinstance(doc.get("other_tags"), list):
+        doc["other_tags"] = [dict(t) if isinstance(t, list) else t for t in doc["other_tags"]]
     return json.dumps(doc, sort_keys=True, ensure_ascii=False).encode()
 
 

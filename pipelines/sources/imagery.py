@@ -32,6 +32,12 @@ Pure functions first; the recipe (``pipelines.recipes.skyscript``) wires them in
   it is still visible, so the first candidate is the one that wastes no resolution (ties: the
   newest year first, then collection name and path, so the order is deterministic).
 
+**In a pipeline** (:class:`Catalogue`): the globs and listings are expanded and every header is
+read on the workers (``FileSystems.match`` inside a DoFn, one raster per element after a
+Reshuffle), never on the launcher; each problem becomes a reject row (stage ``imagery``,
+source ``imagery``, source_id ``raster:<path>``), so a raster the build could not use is
+counted in its accounting like any other input.
+
 Paths: local paths are opened as they are; ``gs://`` and ``s3://`` become GDAL's ``/vsigs/``
 and ``/vsis3/`` (credentials from GDAL's environment; untested here). Globs and listings are
 read through Beam's ``FileSystems``.
@@ -46,12 +52,15 @@ import json
 import math
 import posixpath
 import warnings
+from collections.abc import Iterator
 from functools import lru_cache
 from importlib import resources
 from typing import Any
 
+import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
+from pipelines.records import MAIN, REJECTS, Reject, new_record, reject_row
 from pipelines.sources.archives import crs_name
 
 COLLECTIONS_FILE = "skyscript_collections.json"
@@ -63,6 +72,8 @@ GSD_TOLERANCE = 0.05
 _WGS84_A = 6378137.0
 _WGS84_E2 = 6.69437999014e-3
 
+STAGE = "imagery"
+SOURCE = "imagery"
 PROBLEMS = ("unreadable", "no_crs", "unknown_collection", "band_missing", "footprint_invalid")
 
 
@@ -287,6 +298,13 @@ def describe(row: dict[str, Any], table: dict[str, dict[str, Any]]
                       bands=bands, stretch=stretch, footprint=footprint)
 
 
+def catalogue_rows(glob_or_listing: str) -> list[dict[str, Any]]:
+    """The listing rows of a ``.csv``/``.json`` listing, or ``{"path"}`` rows of a glob."""
+    if glob_or_listing.lower().endswith((".csv", ".json")):
+        return _listing_rows(glob_or_listing)
+    return _glob_rows(glob_or_listing)
+
+
 def catalogue(glob_or_listing: str, collections: dict[str, dict[str, Any]] | str | None = None
               ) -> tuple[list[RasterInfo], list[CatalogueProblem]]:
     """``(rasters, problems)`` of a glob of GeoTIFF/COG files or a ``.csv``/``.json`` listing.
@@ -294,11 +312,7 @@ def catalogue(glob_or_listing: str, collections: dict[str, dict[str, Any]] | str
     ``collections``: the collections table, a path to one, or None for the packaged table.
     Both lists are sorted by path; every listed file is in exactly one of them."""
     table = collections if isinstance(collections, dict) else load_collections(collections)
-    lower = glob_or_listing.lower()
-    if lower.endswith((".csv", ".json")):
-        rows = _listing_rows(glob_or_listing)
-    else:
-        rows = _glob_rows(glob_or_listing)
+    rows = catalogue_rows(glob_or_listing)
     infos: list[RasterInfo] = []
     problems: list[CatalogueProblem] = []
     for row in rows:
@@ -346,3 +360,67 @@ class RasterIndex:
         hits.sort(key=lambda r: (-r.gsd_m, -(r.year if r.year is not None else -10**6),
                                  r.collection, r.path))
         return hits
+
+    def touching(self, geometry_wgs84: Any) -> list[RasterInfo]:
+        """Rasters whose footprint intersects ``geometry_wgs84``, in path order (any GSD)."""
+        geom = as_geometry(geometry_wgs84)
+        if geom.is_empty or not self.infos:
+            return []
+        found = sorted(int(i) for i in self._tree.query(geom, predicate="intersects"))
+        return [self.infos[i] for i in found]
+
+
+# --- the catalogue in a pipeline ----------------------------------------------------------
+
+
+def problem_row(problem: CatalogueProblem, subset: str) -> dict[str, Any]:
+    """The reject row of a raster the catalogue cannot use."""
+    record = new_record(subset, SOURCE, f"raster:{problem.path}", problem.path)
+    return reject_row(record, Reject(STAGE, problem.reason, problem.detail))
+
+
+class _ListRasters(beam.DoFn):
+    def process(self, spec: str) -> Iterator[dict[str, Any]]:
+        rows = catalogue_rows(spec)
+        if not rows:
+            raise FileNotFoundError(f"{spec}: no raster matches (imagery glob or listing)")
+        yield from rows
+
+
+class _Describe(beam.DoFn):
+    def __init__(self, table: dict[str, dict[str, Any]], subset: str) -> None:
+        self.table = table
+        self.subset = subset
+
+    def process(self, row: dict[str, Any]) -> Iterator[Any]:
+        out = describe(row, self.table)
+        if isinstance(out, RasterInfo):
+            beam.metrics.Metrics.counter("Catalogue", "rasters").inc()
+            yield out
+        else:
+            beam.metrics.Metrics.counter("Catalogue", out.reason).inc()
+            yield beam.pvalue.TaggedOutput(REJECTS, problem_row(out, self.subset))
+
+
+class Catalogue(beam.PTransform):
+    """Imagery globs/listings (comma-separated) → ``{"records": RasterInfo per usable raster,
+    "rejects": a reject row per unusable one}``, listed and described on the workers."""
+
+    def __init__(self, specs: str, subset: str,
+                 collections: dict[str, dict[str, Any]] | str | None = None) -> None:
+        super().__init__()
+        self.specs = [s.strip() for s in str(specs).split(",") if s.strip()]
+        if not self.specs:
+            raise ValueError(f"no imagery glob or listing in {specs!r}")
+        self.subset = subset
+        self.table = collections if isinstance(collections, dict) else \
+            load_collections(collections)
+
+    def expand(self, pbegin: Any) -> Any:
+        out = (pbegin
+               | "Specs" >> beam.Create(self.specs)
+               | "List" >> beam.ParDo(_ListRasters())
+               | "Spread" >> beam.Reshuffle()
+               | "Describe" >> beam.ParDo(_Describe(self.table, self.subset)).with_outputs(
+                   REJECTS, main=MAIN))
+        return {MAIN: out[MAIN], REJECTS: out[REJECTS]}

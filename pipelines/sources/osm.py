@@ -530,12 +530,15 @@ def object_record(obj: OsmObject, subset: str, path: str) -> dict[str, Any]:
     return new_record(
         subset, SOURCE, obj.source_id, osm_url(obj.osm_type, obj.osm_id),
         license="ODbL-1.0",
+        osm_type=obj.osm_type,
+        osm_id=obj.osm_id,
         tags=dict(obj.tags),
         extra=json.dumps({"osm_version": obj.version, "extract": path}, sort_keys=True),
         _geometry_wkb=obj.wkb,
         _focus={"key": obj.focus.key, "value": obj.tags.get(obj.focus.key, obj.focus.value)},
         _max_gsd=obj.max_gsd,
-        _order=f"{SOURCE}\x1f{obj.source_id}")
+        # an object in two extracts (cut with complete_ways) is kept from the first path
+        _order=f"{path}\x1f{obj.source_id}")
 
 
 def _reject_record(source_id: str, subset: str, url: str | None, tags: Any) -> dict[str, Any]:

@@ -22,7 +22,8 @@ Pure functions (each callable in a REPL); the recipe wires them into Beam.
   caller can check it lies inside the tile.
 
 Rejects (stage ``tile``): ``no_imagery``, ``off_raster``, ``mostly_nodata``,
-``object_too_large``, and ``geometry_invalid`` (empty, or not transformable into the CRS).
+``object_too_large``, ``geometry_invalid`` (empty, or not transformable into the CRS), and
+``raster_unreadable`` (the raster, catalogued earlier, fails to open or to read a window).
 Same inputs and the same seed → the same window and the same PNG bytes.
 """
 
@@ -40,7 +41,8 @@ from pipelines.sources.archives import encode_png, stretch_percentile
 from pipelines.sources.imagery import RasterIndex, RasterInfo, as_geometry
 
 STAGE = "tile"
-REASONS = ("no_imagery", "off_raster", "mostly_nodata", "object_too_large", "geometry_invalid")
+REASONS = ("no_imagery", "off_raster", "mostly_nodata", "object_too_large", "geometry_invalid",
+           "raster_unreadable")
 DEFAULT_OUT_PX = 256
 DEFAULT_MAX_NODATA = 0.5
 DEFAULT_MAX_SHIFT = 0.25  # of the window's side
@@ -108,7 +110,9 @@ def group_by_raster(objects: Iterable[dict[str, Any]], index: RasterIndex, *,
 # --- planning -----------------------------------------------------------------------------
 
 
-def _to_pixels(geometry_wgs84: Any, raster: RasterInfo) -> Any:
+def to_pixels(geometry_wgs84: Any, raster: RasterInfo) -> Any:
+    """``geometry_wgs84`` (shapely or GeoJSON-like, lon/lat) in ``raster``'s pixel coordinates
+    (column, row); ValueError when empty or outside the CRS's domain."""
     from affine import Affine
     from rasterio.warp import transform_geom
     from shapely import affinity
@@ -167,7 +171,7 @@ def plan_tile(geometry_wgs84: Any, raster: RasterInfo, rng: np.random.Generator 
     if not 1 <= min_px <= max_px:
         raise ValueError(f"need 1 <= min_size_px <= max_size_px, got {min_px}, {max_px}")
     try:
-        pix = _to_pixels(geometry_wgs84, raster)
+        pix = to_pixels(geometry_wgs84, raster)
     except Exception as e:  # noqa: BLE001 — shapely/PROJ errors: a counted reject
         return _reject("geometry_invalid", f"{type(e).__name__}: {e}"[:200])
     gtype = pix.geom_type
