@@ -21,12 +21,13 @@ DATA       ?= out/rs5m
 NPROC      ?= 1
 CHECKPOINT ?= out/train/checkpoints/latest.pt
 
-.PHONY: help venv demo build-rs5m build-local build-remoteclip remotecount stats train bench lint test perf perf-ingest perf-dedup perf-train perf-caption clean
+.PHONY: help venv demo build-rs5m build-local build-remoteclip build-skyscript remotecount stats train bench lint test perf perf-ingest perf-dedup perf-train perf-caption perf-skyscript clean
 
 help:
 	@echo "make build-rs5m RUNNER=DirectRunner [INPUT=glob] [OUTPUT=dir] [ARGS='...']"
 	@echo "make build-local INPUT=folder [OUTPUT=out/local] [ARGS='...']   your captioned images"
 	@echo "make build-remoteclip [INPUT=name=format:root,...] [OUTPUT=out/remoteclip] [ARGS='...']"
+	@echo "make build-skyscript [OSM=glob IMAGERY=glob|listing] [OUTPUT=out/skyscript] [ARGS='...']"
 	@echo "make remotecount [ANNOTATIONS=name=format:root,...] [OUTPUT=out/remotecount]   counting benchmark"
 	@echo "make stats OUTPUT=dir      per-source stage table of a build (DuckDB)"
 	@echo "make train [DATA=out/rs5m] [OUTPUT=out/train] [NPROC=1] [ARGS='...']"
@@ -34,6 +35,7 @@ help:
 	@echo "make test                  the test suite"
 	@echo "make perf-ingest           fetch+resize+shard throughput vs img2dataset"
 	@echo "make perf-caption          captioning images/s vs one-image-per-generate fp32"
+	@echo "make perf-skyscript        OSM objects/s, tiles/s and the time split (demo place)"
 	@echo "make demo                  (re)generate the demo world and tiny models in $(DEMO)"
 
 venv: $(STAMP)
@@ -79,6 +81,21 @@ else
 	  --output $(OUTPUT) $(ARGS)
 endif
 
+# SkyScript: OSM extracts x georeferenced imagery (default: the demo world's)
+OSM     ?=
+IMAGERY ?=
+build-skyscript: OUTPUT = out/skyscript
+build-skyscript: $(STAMP)
+ifeq ($(strip $(OSM)),)
+	$(PY) -m pipelines.demo build --out $(DEMO) --port $(DEMO_PORT) --if-missing
+	$(PY) -m pipelines.demo run --out $(DEMO) --port $(DEMO_PORT) --recipe skyscript -- \
+	  --runner $(RUNNER) --output $(OUTPUT) $(ARGS)
+else
+	@test -n "$(IMAGERY)" || { echo "build-skyscript: OSM needs IMAGERY=glob|listing"; exit 2; }
+	$(PY) -m pipelines.recipes.skyscript --runner $(RUNNER) --osm '$(OSM)' \
+	  --imagery '$(IMAGERY)' --output $(OUTPUT) $(ARGS)
+endif
+
 # the counting benchmark from held-out detection annotations (default: the demo world's)
 ANNOTATIONS ?=
 remotecount: OUTPUT = out/remotecount
@@ -115,7 +132,7 @@ test: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q $(ARGS)
 
-perf: perf-ingest perf-dedup perf-train perf-caption
+perf: perf-ingest perf-dedup perf-train perf-caption perf-skyscript
 
 perf-ingest: $(STAMP)
 	$(PY) -m pipelines.perf.ingest $(ARGS)
@@ -129,6 +146,12 @@ perf-train: $(STAMP)
 perf-caption: $(STAMP)
 	$(PY) -m pipelines.demo.tiny_blip2 --out $(DEMO)/models/tiny-blip2
 	$(PY) -m pipelines.perf.caption --model $(DEMO)/models/tiny-blip2 $(ARGS)
+
+# OSM read, catalogue, assign and cut rates on the demo world's SkyScript place
+perf-skyscript: $(STAMP)
+	$(PY) -m pipelines.demo build --out $(DEMO) --port $(DEMO_PORT) --if-missing
+	$(PY) -m pipelines.perf.skyscript --osm '$(DEMO)/skyscript/osm/*' \
+	  --imagery '$(DEMO)/skyscript/imagery/*/*.tif' $(ARGS)
 
 clean:
 	rm -rf out data

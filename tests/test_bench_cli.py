@@ -24,7 +24,7 @@ def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("bench")
     bench = root / "bench"
     benchmarks.build_demo_benchmarks(str(bench), seed=0, per_class=4, retrieval_per_class=1,
-                                     counting_items=10, size=96)
+                                     counting_items=10, size=96, fine_per_class=5)
     tiny = build_tiny_clip(str(root / "tiny-clip"), seed=0)
     run = root / "run"
     build_tiny_clip(str(run / "model"), seed=0)  # open_clip hub layout, as the trainer writes it
@@ -49,7 +49,7 @@ def _digest(d: Path) -> str:
 def test_demo_benchmark_is_deterministic_and_well_formed(world, tmp_path):
     again = tmp_path / "again"
     benchmarks.build_demo_benchmarks(str(again), seed=0, per_class=4, retrieval_per_class=1,
-                                     counting_items=10, size=96)
+                                     counting_items=10, size=96, fine_per_class=5)
     assert _digest(again) == _digest(world["bench"])
     b = world["bench"]
     assert sorted(p.name for p in (b / "scenes").iterdir() if p.is_dir()) == \
@@ -80,17 +80,18 @@ def test_cli_scores_baseline_and_checkpoint_side_by_side_and_reuses_cache(world,
     for m in names:
         for ds, proto in [("demo-scenes", "zeroshot"), ("demo-scenes", "linear_probe"),
                           ("demo-scenes", "knn"), ("demo-scenes", "fewshot"),
-                          ("demo-retrieval", "retrieval"), ("demo-counting", "counting")]:
+                          ("demo-retrieval", "retrieval"), ("demo-counting", "counting"),
+                          ("demo-roof-shape", "zeroshot")]:
             assert (m, ds, proto) in got
     zs = [r for r in data["results"] if r["protocol"] == "zeroshot" and r["metric"] == "top1"]
-    assert all(r["params"]["prompt_set"] == "remoteclip" and r["params"]["n_images"] == 26
-               for r in zs)
+    assert all(r["params"]["prompt_set"] == "remoteclip" for r in zs)
+    assert all(r["params"]["n_images"] == 26 for r in zs if r["dataset"] == "demo-scenes")
     md = (out / "results.md").read_text()
     assert "| tiny-untrained | run/latest |" in md
     assert (out / "fewshot.png").is_file()
     keys = {m["key"] for m in data["models"]}
     assert {p.name for p in (out / "cache").iterdir()} == keys
-    assert len(list((out / "cache").rglob("*.npz"))) == 6
+    assert len(list((out / "cache").rglob("*.npz"))) == 8  # 2 models x 4 sets
 
     # a second run embeds nothing: every feature comes from OUTPUT/cache
     def boom(*a, **k):

@@ -23,7 +23,8 @@ SMALL = {"n_rs": 12, "n_non_rs": 9, "n_probe": 4}
 SMALL_LOCAL = 6
 SMALL_RS3 = 4
 SMALL_RC = 4
-EXTRA = {"n_local": SMALL_LOCAL, "n_rs3": SMALL_RS3, "n_remoteclip": SMALL_RC}
+EXTRA = {"n_local": SMALL_LOCAL, "n_rs3": SMALL_RS3, "n_remoteclip": SMALL_RC,
+         "n_skyscript": 1}
 WORLD_PARAMS = {**SMALL, **EXTRA}  # what world.json records
 
 
@@ -473,7 +474,7 @@ def test_cli_build_if_missing_keeps_a_current_world(worlds, monkeypatch):
     rc = cli.main(["build", "--out", world, "--port", str(port), "--seed", "3", "--if-missing",
                    "--n-rs", "12", "--n-non-rs", "9", "--n-probe", "4",
                    "--n-local", str(SMALL_LOCAL), "--n-rs3", str(SMALL_RS3),
-                   "--n-remoteclip", str(SMALL_RC)])
+                   "--n-remoteclip", str(SMALL_RC), "--n-skyscript", "1"])
     assert rc == 0 and calls == []
     assert models == [(os.path.join(world, "models"), 3)]  # no models yet: built
     # the captioner keeps itself when current (its own marker): always asked

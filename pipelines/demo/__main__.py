@@ -8,7 +8,8 @@
 ``build`` writes the world (:func:`pipelines.demo.pub11.build_pub11`; its URLs point at
 ``http://127.0.0.1:<port>``), its captioned folder (:func:`pipelines.demo.local.build_local`),
 its label-only archives for RS3 (:func:`pipelines.demo.rs3.build_rs3`), its annotated datasets
-for RemoteCLIP (:func:`pipelines.demo.remoteclip.build_remoteclip`) and the tiny models
+for RemoteCLIP (:func:`pipelines.demo.remoteclip.build_remoteclip`), its OSM extracts and
+mosaics for SkyScript (:func:`pipelines.demo.skyscript.build_skyscript`) and the tiny models
 (``DIR/models``: CLIP, the RS probe, and a BLIP-2 trained briefly on the demo scenes). ``--if-missing`` keeps a world whose ``world.json`` has
 the same seed, base URL, parameters and generator version.
 
@@ -90,6 +91,7 @@ def cmd_build(args: argparse.Namespace) -> int:
     params["n_local"] = args.n_local
     params["n_rs3"] = args.n_rs3
     params["n_remoteclip"] = args.n_remoteclip
+    params["n_skyscript"] = args.n_skyscript
     fresh = args.if_missing and world_is_current(out, args.seed, base_url, params)
     if fresh:
         log.info("demo world in %s is current (seed %d, %s): kept", out, args.seed, base_url)
@@ -99,7 +101,8 @@ def cmd_build(args: argparse.Namespace) -> int:
         summary = build_pub11(out, base_url, args.seed, args.n_rs, args.n_non_rs,
                               n_probe=args.n_probe,
                               extra_params={"n_local": args.n_local, "n_rs3": args.n_rs3,
-                                            "n_remoteclip": args.n_remoteclip})
+                                            "n_remoteclip": args.n_remoteclip,
+                                            "n_skyscript": args.n_skyscript})
         print(f"demo world: {out}")
         print(f"  rows: {summary['rows']} {summary['rows_by_source']}")
         print(f"  expected: {summary['expected']}; aerial images: {summary['is_rs']}")
@@ -109,18 +112,21 @@ def cmd_build(args: argparse.Namespace) -> int:
         from pipelines.demo.local import build_local
         from pipelines.demo.remoteclip import build_remoteclip
         from pipelines.demo.rs3 import build_rs3
+        from pipelines.demo.skyscript import build_skyscript
 
         try:
             local = build_local(out, args.seed, args.n_local)
             rs3 = build_rs3(out, args.seed, n_fmow=args.n_rs3, n_ben=args.n_rs3,
                             n_millionaid=args.n_rs3)
             rc = build_remoteclip(out, args.seed, n=args.n_remoteclip)
+            sky = build_skyscript(out, args.seed, n=args.n_skyscript)
         except BaseException:
             os.remove(os.path.join(out, "world.json"))  # not a finished world
             raise
         print(f"  local folder: {local['rows']} table lines ({local['planted']} planted)")
         print(f"  rs3 archives: {rs3['rows']} entries {rs3['by_source']}")
         print(f"  remoteclip datasets: {rc['rows']} images {rc['by_source']}")
+        print(f"  skyscript: {sky['rows']} truth rows {sky['by_expected']}")
     models_dir = os.path.join(out, "models")
     if fresh and _models_present(models_dir):
         log.info("tiny models in %s are present: kept", models_dir)
@@ -277,6 +283,8 @@ def parser() -> argparse.ArgumentParser:
                    "(fMoW, BigEarthNet, MillionAID; rs3/)")
     b.add_argument("--n-remoteclip", type=int, default=24, help="clean images per annotated "
                    "dataset (remoteclip/)")
+    b.add_argument("--n-skyscript", type=int, default=1, help="size of the SkyScript place "
+                   "(OSM extracts + mosaics, skyscript/): 1 = about 120 objects")
     b.set_defaults(func=cmd_build)
 
     s = sub.add_parser("serve", help="serve DIR/www around a command",
@@ -291,7 +299,7 @@ def parser() -> argparse.ArgumentParser:
                              "[--recipe rs5m] -- RECIPE ARGS...")
     r.add_argument("--out", required=True, help="world folder, e.g. data/demo")
     r.add_argument("--port", type=int, default=DEFAULT_PORT)
-    r.add_argument("--recipe", default="rs5m", help="rs5m | local | remoteclip (default "
+    r.add_argument("--recipe", default="rs5m", help="rs5m | local | remoteclip | skyscript (default "
                    "%(default)s)")
     r.add_argument("args", nargs=argparse.REMAINDER, help="the recipe's flags (after --)")
     r.set_defaults(func=cmd_run)

@@ -14,6 +14,10 @@ that :mod:`pipelines.demo.pub11` (streams 1–11) never draws from — and write
     {out_dir}/counting/images/cnt_NNNN.jpg       RemoteCount-style counting:
     {out_dir}/counting/annotations.json          [{"filename", "category", "count" (1-10),
                                                    "caption"}], counts from meta["objects"]
+    {out_dir}/fine/roof_shape/<class>/*.png      SkyScript-style fine-grained set: roof shapes
+    {out_dir}/fine/roof_shape/split.json         (flat, gabled, hipped) of buildings drawn in a
+                                                 place the SkyScript build never reads, cut as
+                                                 its tiles are (pipelines.demo.skyscript)
     {out_dir}/benchmarks.json                    seed, sizes, generator version; written last
 
 The same seed gives byte-identical files. ``python -m pipelines.demo.benchmarks --out DIR``.
@@ -32,7 +36,7 @@ from PIL import Image
 
 from pipelines.demo import scenes
 
-GENERATOR_VERSION = "rs-corpus-demo-bench/1.1"
+GENERATOR_VERSION = "rs-corpus-demo-bench/1.2"
 STREAM = 9001
 TASK_SCENES, TASK_RETRIEVAL, TASK_COUNTING = 1, 2, 3
 JPEG_QUALITY = 90
@@ -75,7 +79,8 @@ def counting_caption(cls: str, category: str, n: int) -> str:
 
 def build_demo_benchmarks(out_dir: str, seed: int = 0, per_class: int = 60,
                           retrieval_per_class: int = 6, captions_per_image: int = 5,
-                          counting_items: int = 100, size: int = 256) -> dict[str, Any]:
+                          counting_items: int = 100, size: int = 256,
+                          fine_per_class: int = 40) -> dict[str, Any]:
     """Write the three demo evaluation sets to ``out_dir`` (replacing what is there)."""
     tmp = out_dir.rstrip("/") + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -152,6 +157,12 @@ def build_demo_benchmarks(out_dir: str, seed: int = 0, per_class: int = 60,
     with open(os.path.join(cdir, "annotations.json"), "w") as f:
         json.dump(items, f, indent=1)
 
+    # fine-grained: roof shapes of buildings the SkyScript build never saw
+    from pipelines.demo.skyscript import build_fine_benchmark
+
+    fine = build_fine_benchmark(os.path.join(tmp, "fine"), seed, n_per_class=fine_per_class)
+    fine["root"] = "fine/roof_shape"  # not the temporary folder it was written to
+
     manifest = {
         "generator": GENERATOR_VERSION, "seed": seed, "stream": STREAM, "size": size,
         "scenes": {"classes": list(scenes.CLASSES), "per_class": per_class, "images": n,
@@ -160,6 +171,7 @@ def build_demo_benchmarks(out_dir: str, seed: int = 0, per_class: int = 60,
         "counting": {"items": len(items),
                      "counts": {str(c): sum(1 for it in items if it["count"] == c)
                                 for c in range(1, 11)}},
+        "fine": fine,
     }
     with open(os.path.join(tmp, MANIFEST), "w") as f:
         json.dump(manifest, f, indent=1)

@@ -53,7 +53,7 @@ log = logging.getLogger(__name__)
 # 1.1: cropped copies; crop-aware distinctness. 1.2: hostile rows (ids, caps, local paths and
 # buckets, metadata and private addresses, drips, WebP bomb, ICO, extreme aspect ratio) and
 # the captioned folder beside (pipelines.demo.local)
-GENERATOR_VERSION = "rs-corpus-demo-world/1.3"
+GENERATOR_VERSION = "rs-corpus-demo-world/1.4"
 DEFAULT_BASE_URL = "http://127.0.0.1:8707"
 #: nothing listens on the discard port: connection refused
 DEAD_BASE_URL = "http://127.0.0.1:9"

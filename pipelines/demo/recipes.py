@@ -5,7 +5,8 @@ flags. ``recipe_args(world, "rs5m")`` is what ``make build-rs5m`` (``python -m p
 run``) puts before the user's own flags (which win, being later):
 
 * the inputs: for ``remoteclip`` the annotated datasets the world lists in
-  ``remoteclip/annotations.txt``; otherwise the world's web parquet (``pub11/*/*.parquet``), label-only archives
+  ``remoteclip/annotations.txt``; for ``skyscript`` the OSM extracts and the imagery under
+  ``skyscript/``; otherwise the world's web parquet (``pub11/*/*.parquet``), label-only archives
   (``rs3/fmow-rgb``, ``rs3/fmow-full``, ``rs3/bigearthnet``, ``rs3/millionaid``) and
   captioned folder (``local/``), whichever the world has;
 * the tiny models the world built (``models/tiny-clip``, ``models/rs_probe.json``,
@@ -28,7 +29,7 @@ WORLD_LIMITS = [
     "--allow_networks", "127.0.0.0/8",
     "--semdedup_eps", "0.0002", "--decontam_cosine", "0.9998",
 ]
-RECIPES = ("rs5m", "local", "remoteclip")
+RECIPES = ("rs5m", "local", "remoteclip", "skyscript")
 
 
 def recipe_args(world: str, recipe: str = "rs5m") -> list[str]:
@@ -63,6 +64,12 @@ def recipe_args(world: str, recipe: str = "rs5m") -> list[str]:
                     if line.strip():
                         args += ["--annotations", line.strip()]
         return args  # the captioned folder is rs5m's and local's
+    elif recipe == "skyscript":
+        # absolute: the rejects of unusable files name them by path, as the truth does
+        sky = os.path.join(os.path.abspath(world), "skyscript")
+        return args + ["--clip_model", os.path.join(models, "tiny-clip"),
+                       "--osm", os.path.join(sky, "osm", "*"),
+                       "--imagery", os.path.join(sky, "imagery", "*", "*.tif")]
     else:
         args += ["--clip_model", os.path.join(models, "tiny-clip")]
     if os.path.isdir(local):

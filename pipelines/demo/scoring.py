@@ -21,7 +21,8 @@ from pipelines.stats import _fmt_table, _table, subsets_of
 
 
 def outcomes(output: str, demo_world: str) -> list[dict[str, Any]]:
-    """Ground-truth rows of every subset the build holds (``pub11``, ``rs3``, ``local``),
+    """Ground-truth rows of every subset the build holds (``pub11``, ``rs3``, ``local``,
+    ``remoteclip``, ``skyscript``),
     with the build's outcome, stage and reason added.
 
     Two rows may share a (source, source_id) (a planted repeated id): each truth row takes
@@ -35,7 +36,7 @@ def outcomes(output: str, demo_world: str) -> list[dict[str, Any]]:
     if "pub11" in built or not built:
         truths.append(f"SELECT 'pub11' AS subset, *, NULL::VARCHAR AS shared_key "
                       f"FROM read_parquet('{gt}')")
-    for subset in ("local", "rs3", "remoteclip"):
+    for subset in ("local", "rs3", "remoteclip", "skyscript"):
         path = os.path.join(demo_world, f"{subset}_truth.parquet")
         if subset in built and os.path.exists(path):
             truths.append(f"SELECT '{subset}' AS subset, * FROM read_parquet('{path}')")
@@ -64,6 +65,9 @@ def outcomes(output: str, demo_world: str) -> list[dict[str, Any]]:
     )
     names = [d[0] for d in cur.description]
     rows = [dict(zip(names, r, strict=True)) for r in cur.fetchall()]
+    for r in rows:  # every image of the archive subsets is an aerial one
+        if r.get("is_rs") is None and r["subset"] != "pub11":
+            r["is_rs"] = True
     _scenes_and_unread(con, index, rows)
     shared = {r["shared_key"] for r in rows if r.get("shared_key")}
     for r in rows:

@@ -82,9 +82,12 @@ KNOWN: dict[str, DatasetSpec] = {s.name: s for s in [
                 note="held-out demo scenes, 13 classes; zero-shot on the test split"),
     DatasetSpec("demo-retrieval", "retrieval", "retrieval", split="test"),
     DatasetSpec("demo-counting", "counting", "counting"),
+    DatasetSpec("demo-roof-shape", "classification", "fine/roof_shape", split="split.json",
+                prompts=("skyscript",),
+                note="held-out demo buildings, 3 roof shapes (SkyScript's fine-grained style)"),
 ]}
 
-DEMO_DATASETS = ("demo-scenes", "demo-retrieval", "demo-counting")
+DEMO_DATASETS = ("demo-scenes", "demo-retrieval", "demo-counting", "demo-roof-shape")
 
 
 @cache
