@@ -21,7 +21,7 @@ DATA       ?= out/rs5m
 NPROC      ?= 1
 CHECKPOINT ?= out/train/checkpoints/latest.pt
 
-.PHONY: help venv demo build-rs5m build-local build-remoteclip build-skyscript remotecount stats train bench lint test perf perf-ingest perf-dedup perf-train perf-caption perf-skyscript clean
+.PHONY: help venv demo build-rs5m build-local build-remoteclip build-skyscript remotecount stats report train bench lint test perf perf-ingest perf-dedup perf-train perf-caption perf-skyscript image image-gpu dataflow-template plan clean
 
 help:
 	@echo "make build-rs5m RUNNER=DirectRunner [INPUT=glob] [OUTPUT=dir] [ARGS='...']"
@@ -30,12 +30,16 @@ help:
 	@echo "make build-skyscript [OSM=glob IMAGERY=glob|listing] [OUTPUT=out/skyscript] [ARGS='...']"
 	@echo "make remotecount [ANNOTATIONS=name=format:root,...] [OUTPUT=out/remotecount]   counting benchmark"
 	@echo "make stats OUTPUT=dir      per-source stage table of a build (DuckDB)"
+	@echo "make report OUTPUT=dir     HTML report of a build: funnel, samples, duplicates, rejects, captions, map, datasheet"
 	@echo "make train [DATA=out/rs5m] [OUTPUT=out/train] [NPROC=1] [ARGS='...']"
 	@echo "make bench [CHECKPOINT=out/train/checkpoints/latest.pt] [OUTPUT=out/bench] [ARGS='...']"
 	@echo "make test                  the test suite"
 	@echo "make perf-ingest           fetch+resize+shard throughput vs img2dataset"
 	@echo "make perf-caption          captioning images/s vs one-image-per-generate fp32"
 	@echo "make perf-skyscript        OSM objects/s, tiles/s and the time split (demo place)"
+	@echo "make plan [RECIPE=rs5m] [N=5000000] [ARGS='--workers W --cpu-price P --gpu-price P']"
+	@echo "make image / make image-gpu   worker images (CPU / CUDA) on Beam's Python SDK image"
+	@echo "make dataflow-template IMAGE=... TEMPLATE=gs://...   Dataflow flex template"
 	@echo "make demo                  (re)generate the demo world and tiny models in $(DEMO)"
 
 venv: $(STAMP)
@@ -125,6 +129,10 @@ endif
 stats: $(STAMP)
 	$(PY) -m pipelines.stats $(OUTPUT)
 
+report: $(STAMP)
+	@test -f $(OUTPUT)/stats.json || { echo "$(OUTPUT) has no stats.json: run make build-rs5m OUTPUT=$(OUTPUT) (or build-local/build-remoteclip/build-skyscript) first"; exit 1; }
+	$(PY) -m pipelines.report $(OUTPUT) $(ARGS)
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
@@ -152,6 +160,24 @@ perf-skyscript: $(STAMP)
 	$(PY) -m pipelines.demo build --out $(DEMO) --port $(DEMO_PORT) --if-missing
 	$(PY) -m pipelines.perf.skyscript --osm '$(DEMO)/skyscript/osm/*' \
 	  --imagery '$(DEMO)/skyscript/imagery/*/*.tif' $(ARGS)
+
+# cluster runs (infra/README.md): worker images, the Dataflow flex template, the cost plan
+IMAGE     ?= rs-corpus:latest
+IMAGE_GPU ?= rs-corpus-gpu:latest
+TEMPLATE  ?=
+RECIPE    ?= rs5m
+N         ?= 5000000
+image:
+	docker build -f infra/docker/Dockerfile -t $(IMAGE) .
+
+image-gpu:
+	docker build -f infra/docker/Dockerfile.gpu -t $(IMAGE_GPU) .
+
+dataflow-template:
+	IMAGE=$(IMAGE) TEMPLATE=$(TEMPLATE) infra/dataflow/build_template.sh
+
+plan: $(STAMP)
+	$(PY) -m pipelines.plan --recipe $(RECIPE) --n $(N) $(ARGS)
 
 clean:
 	rm -rf out data

@@ -163,3 +163,35 @@ def test_a_file_that_is_not_parquet_is_named(tmp_path):
     with (pytest.raises(Exception, match="part-1.parquet: not a readable parquet file"),
           TestPipeline() as p):
         _ = p | ReadLaionParquet(str(tmp_path / "*" / "*.parquet"))
+
+
+# --- the glob is matched by the workers ------------------------------------------------------
+
+
+def test_a_bucket_glob_is_not_listed_on_the_launcher(monkeypatch):
+    """``INPUT='gs://bucket/laion/*.parquet'``: building the pipeline lists nothing (the
+    workers match the glob), so a Dataflow dry run needs no bucket access."""
+    from apache_beam.io.filesystems import FileSystems
+
+    def refuse(*a, **k):
+        raise AssertionError("the launcher listed a bucket")
+
+    monkeypatch.setattr(FileSystems, "match", refuse)
+    p = beam.Pipeline()
+    _ = p | ReadLaionParquet("gs://rs-corpus-test/laion/*.parquet,s3://b/x/*.parquet")
+    names = {t.unique_name for t in p.to_runner_api().components.transforms.values()}
+    assert any(n.endswith("/Match") for n in names)
+
+
+def test_a_glob_matching_nothing_fails_the_job_when_not_checked_first(tmp_path):
+    with pytest.raises(Exception, match="no parquet files match"), TestPipeline() as p:
+        _ = p | ReadLaionParquet(str(tmp_path / "*.parquet"), check_on_launcher=False)
+
+
+def test_overlapping_globs_read_each_file_once(files):
+    root, _, _ = files
+    glob = f"{root}/*/*.parquet,{root}/laion2b/*.parquet"
+    with TestPipeline() as p:
+        out = p | ReadLaionParquet(glob, check_on_launcher=False)
+        assert_that(out.records | beam.Map(lambda r: r["source_id"]),
+                    equal_to(["10", "13", "part-0:0"]))

@@ -231,6 +231,11 @@ def add_shared_flags(parser: argparse.ArgumentParser, default_output: str) -> No
                    help="build folder (local, gs://, s3://; default %(default)s)")
     g.add_argument("--subsets", help="comma-separated subsets to build (default: every subset "
                    "whose input is given); the others already in OUTPUT are kept")
+    g.add_argument("--worker_start_timeout", type=float, default=60.0,
+                   help="seconds an EXTERNAL worker pool's worker has to start and connect, "
+                   "checked before a job this process runs (PortableRunner with "
+                   "--job_endpoint=embed, DirectRunner); 0 skips the check (default "
+                   "%(default)s)")
     g = parser.add_argument_group("fetch and file reads (img2dataset-style)")
     g.add_argument("--timeout", type=float, default=10.0,
                    help="seconds per connect and per socket read (default %(default)s)")
@@ -630,6 +635,11 @@ def run(recipe: Recipe, argv: Sequence[str] | None = None) -> Any:
     runner = opts.view_as(StandardOptions).runner or "DirectRunner"
     dry_run = bool(opts.view_as(TestOptions).dry_run)
     if not dry_run:
+        from pipelines.worker_pool import check_external_environment
+
+        # before anything is cleared: a pool whose workers cannot start would leave Beam's
+        # job service waiting for them forever
+        check_external_environment(opts, cfg["worker_start_timeout"])
         cleared = clear_previous(cfg["output"], subsets, cfg.get("embeddings_dir"))
         if cleared:
             log.info("%s: removed %d files of an earlier build of %s", recipe.name,

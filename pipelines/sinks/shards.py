@@ -39,6 +39,7 @@ from typing import Any
 import apache_beam as beam
 import pyarrow as pa
 import pyarrow.parquet as pq
+from apache_beam.io.filesystem import BeamIOError
 from apache_beam.io.filesystems import FileSystems
 
 import schemas
@@ -68,8 +69,11 @@ def write_atomic(path: str, data: bytes) -> None:
     tmp = f"{path}.incomplete-{uuid.uuid4().hex[:8]}"
     with FileSystems.create(tmp) as f:
         f.write(data)
-    if FileSystems.exists(path):
-        FileSystems.delete([path])
+    try:  # a retried bundle's attempt may have written (or be removing) it concurrently
+        if FileSystems.exists(path):
+            FileSystems.delete([path])
+    except (OSError, BeamIOError):
+        pass
     FileSystems.rename([tmp], [path])
 
 
@@ -453,6 +457,11 @@ class WriteSubset(beam.PTransform):
                     f"{self.subset}: the embeddings folder holds {rows} rows but "
                     f"{stats['kept']} were kept")
             extra["embedding_parts"] = len(shards)
+        # a worker that died between writing a temporary and renaming it left the temporary
+        # (its bundle was retried under another name): the subset is complete, remove it
+        stale = [f for f in subset_files(self.output, self.subset) if ".incomplete-" in f]
+        if stale:
+            FileSystems.delete(stale)
         folder = join(self.output, "subsets", self.subset)
         manifest = dict(self.manifest, subset=self.subset, shards=sorted(sizes),
                         tables=sorted(n for n, _ in files), **extra)

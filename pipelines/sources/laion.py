@@ -19,7 +19,11 @@ collapsed) is rejected as ``caption_too_long``, and a row whose other columns ta
 cannot ride along to the shards. A file that is not parquet fails the build with its path named.
 
 Files are split by row group so a 10 GB parquet file is read by many workers, and read through
-Beam's ``FileSystems`` so local paths, gs:// and s3:// all work.
+Beam's ``FileSystems`` so local paths, gs:// and s3:// all work. The glob is matched **inside the
+pipeline** (``fileio.MatchAll``), by the workers, then the footers are read spread over workers:
+the launcher never lists a bucket (a 100k-file input is not listed by one process before the job
+starts). A local glob is also checked on the launcher, which is cheap, so a typo fails before the
+pipeline starts; a remote glob that matches nothing fails the job.
 """
 
 from __future__ import annotations
@@ -35,6 +39,8 @@ from typing import Any
 import apache_beam as beam
 import pyarrow as pa
 import pyarrow.parquet as pq
+from apache_beam.io import fileio
+from apache_beam.io.filesystem import BeamIOError
 from apache_beam.io.filesystems import FileSystems
 
 from pipelines.records import REJECTS, Reject, make_key, reject_row
@@ -250,15 +256,35 @@ def read_row_group(
         )
 
 
+def patterns(pattern: str) -> list[str]:
+    """The globs of ``pattern`` (comma-separated globs allowed)."""
+    return [p.strip() for p in pattern.split(",") if p.strip()]
+
+
 def expand_glob(pattern: str) -> list[str]:
     """All files matching ``pattern`` (comma-separated globs allowed), sorted; error if none."""
     paths: list[str] = []
-    for pat in [p for p in pattern.split(",") if p.strip()]:
-        for match in FileSystems.match([pat.strip()])[0].metadata_list:
-            paths.append(match.path)
+    for pat in patterns(pattern):
+        try:
+            found = FileSystems.match([pat])[0].metadata_list
+        except BeamIOError:  # a missing folder, on some filesystems
+            found = []
+        paths += [m.path for m in found]
     if not paths:
         raise FileNotFoundError(f"no parquet files match {pattern!r}")
     return sorted(set(paths))
+
+
+def files_with_ids(paths: list[str], pattern: str, cmap: ColumnMap
+                   ) -> Iterator[tuple[str, str]]:
+    """(path, file id) of every matched file, sorted, each once (globs may overlap); error if
+    none. The file ids need every path at once: :func:`file_ids`."""
+    paths = sorted(set(paths))
+    if not paths:
+        raise FileNotFoundError(f"no parquet files match {pattern!r}")
+    ids = file_ids(paths, cmap)
+    for p in paths:
+        yield p, ids[p]
 
 
 class _ListRowGroups(beam.DoFn):
@@ -295,20 +321,33 @@ class _ReadRowGroup(beam.DoFn):
 class ReadLaionParquet(beam.PTransform):
     """Glob of LAION-style parquet → records (main) and unusable rows (``rejects``).
 
-    The glob is expanded at construction time so a typo fails before any worker starts.
+    The glob is matched by the workers (``fileio.MatchAll``); the file list is gathered once
+    (the file ids depend on every path) and spread again before the footers are read.
+    ``check_on_launcher``: also match the glob at construction, so a typo fails before the
+    pipeline starts (default: for local globs only; a bucket is never listed by the launcher).
     """
 
-    def __init__(self, pattern: str, cmap: ColumnMap = ColumnMap(), subset: str = "pub11"):
+    def __init__(self, pattern: str, cmap: ColumnMap = ColumnMap(), subset: str = "pub11",
+                 check_on_launcher: bool | None = None):
         super().__init__()
-        self.paths = expand_glob(pattern)
+        self.pattern = pattern
+        self.patterns = patterns(pattern)
         self.cmap = cmap
         self.subset = subset
-        self.file_ids = file_ids(self.paths, cmap)
+        if check_on_launcher is None:
+            check_on_launcher = not any("://" in p for p in self.patterns)
+        if check_on_launcher:
+            expand_glob(pattern)
 
     def expand(self, pbegin):
         return (
             pbegin
-            | "Files" >> beam.Create([(p, self.file_ids[p]) for p in self.paths])
+            | "Globs" >> beam.Create(self.patterns)
+            | "Match" >> fileio.MatchAll(fileio.EmptyMatchTreatment.ALLOW)
+            | "Paths" >> beam.Map(lambda m: m.path)
+            | "AllPaths" >> beam.combiners.ToList()
+            | "Files" >> beam.FlatMap(files_with_ids, self.pattern, self.cmap)
+            | "SpreadFiles" >> beam.Reshuffle()
             | "RowGroups" >> beam.ParDo(_ListRowGroups(self.cmap))
             | "Spread" >> beam.Reshuffle()
             | "Rows" >> beam.ParDo(_ReadRowGroup(self.cmap, self.subset)).with_outputs(

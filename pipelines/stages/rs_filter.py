@@ -48,9 +48,17 @@ def rs_decision(record: dict[str, Any], score: float | None, threshold: float) -
 class _Route(beam.DoFn):
     """PredictionResult → the kept record (main) or a reject row (``rejects``)."""
 
-    def __init__(self, threshold: float, embedding_field: str | None) -> None:
+    def __init__(self, threshold: float | None, embedding_field: str | None,
+                 probe_path: str | None = None) -> None:
         self.threshold = threshold
         self.embedding_field = embedding_field
+        self.probe_path = probe_path
+
+    def setup(self) -> None:
+        if self.threshold is None:  # the probe's own threshold, read on the worker
+            from pipelines.models.rs_probe import RSProbe
+
+            self.threshold = RSProbe.load(self.probe_path).threshold
 
     def process(self, result: PredictionResult):
         record, inference = result.example, result.inference
@@ -108,15 +116,16 @@ class RSFilter(beam.PTransform):
             raise ValueError("RSFilter needs probe_path (or enabled=False)")
         from pipelines.models.handlers import RSScorer
 
-        # resolved here, on the launcher: the probe's threshold and model are part of the
-        # pipeline's configuration, not something each worker decides
-        if threshold is None or not model:
+        # the probe's threshold (when --rs_threshold is not given) is read on the workers, so
+        # a gs:// probe costs the launcher no bucket access; its model (when --rs_model is not
+        # given) is read here: the scorer's configuration depends on it
+        self.probe_path = probe_path
+        self.threshold = None if threshold is None else float(threshold)
+        if not model:
             from pipelines.models.rs_probe import RSProbe
 
             probe = RSProbe.load(probe_path)
-            self.threshold = probe.threshold if threshold is None else float(threshold)
-            if not model:
-                model, pretrained = probe.model, pretrained or probe.pretrained
+            model, pretrained = probe.model, pretrained or probe.pretrained
         self.scorer = RSScorer(model, pretrained, probe_path, device=device,
                                precision=precision, batch_size=batch_size)
 
@@ -128,7 +137,8 @@ class RSFilter(beam.PTransform):
         return (
             records
             | "RSScore" >> RunInference(self.scorer)
-            | "RSDecide" >> beam.ParDo(_Route(self.threshold, self.embedding_field)).with_outputs(
+            | "RSDecide" >> beam.ParDo(_Route(self.threshold, self.embedding_field,
+                                              self.probe_path)).with_outputs(
                 REJECTS, main=MAIN
             )
         )
