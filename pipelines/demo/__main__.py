@@ -283,8 +283,9 @@ def parser() -> argparse.ArgumentParser:
                    "(fMoW, BigEarthNet, MillionAID; rs3/)")
     b.add_argument("--n-remoteclip", type=int, default=24, help="clean images per annotated "
                    "dataset (remoteclip/)")
-    b.add_argument("--n-skyscript", type=int, default=1, help="size of the SkyScript place "
-                   "(OSM extracts + mosaics, skyscript/): 1 = about 120 objects")
+    b.add_argument("--n-skyscript", type=int, default=4, help="density of the SkyScript "
+                   "place (OSM extracts + mosaics, skyscript/): 1 = about 120 objects, 4 = "
+                   "about 290")
     b.set_defaults(func=cmd_build)
 
     s = sub.add_parser("serve", help="serve DIR/www around a command",

@@ -94,7 +94,7 @@ RASTERS = {  # basename → (collection folder, year)
     "no_crs.tif": ("default", 2018),
 }
 BENCH_FOLDERS = {"flat": "flat_roof", "gabled": "gabled_roof", "hipped": "hipped_roof"}
-BENCH_OUT_PX, BENCH_MIN_PX = 256, 128
+BENCH_OUT_PX, BENCH_MIN_PX = 256, 64  # the recipe's defaults (tiles.plan_tile)
 
 _TRUTH_SCHEMA = pa.schema([
     ("row", pa.int32()), ("key", pa.string()), ("source", pa.string()),

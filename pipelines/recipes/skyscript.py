@@ -73,7 +73,7 @@ class SkyScriptHead(kit.Head):
         g.add_argument("--osm_max_bytes", type=int, default=8 << 30,
                        help="byte cap per extract (default 8 GiB)")
         g.add_argument("--tile_min_px", type=int, help="smallest window side in raster pixels "
-                       "(default image_size/2)")
+                       "(default image_size/4: a small polygon's padded box is its tile)")
         g.add_argument("--tile_max_px", type=int, help="largest window side in raster pixels; "
                        "a bigger polygon is object_too_large (default 4 x image_size)")
         g.add_argument("--tile_point_px", type=int, help="window side for points and lines "

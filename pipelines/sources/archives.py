@@ -327,12 +327,13 @@ def stretch_reflectance(bands: np.ndarray, max_reflectance: float = 0.3,
     return np.ascontiguousarray(np.moveaxis(out, 0, -1))
 
 
-def encode_png(rgb: np.ndarray) -> bytes:
+def encode_png(rgb: np.ndarray, compress_level: int = 6) -> bytes:
     """(H, W, 3) uint8 → PNG bytes: no metadata chunks, fixed compression (same pixels, same
-    bytes)."""
+    bytes). ``compress_level=0`` stores the pixels uncompressed: for a picture that only
+    crosses to the next stage in the same worker (~20x faster than level 6 on imagery)."""
     buf = io.BytesIO()
     Image.fromarray(np.ascontiguousarray(rgb, dtype=np.uint8), "RGB").save(
-        buf, "PNG", optimize=False, compress_level=6)
+        buf, "PNG", optimize=False, compress_level=compress_level)
     return buf.getvalue()
 
 

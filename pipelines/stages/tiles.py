@@ -161,12 +161,13 @@ def plan_tile(geometry_wgs84: Any, raster: RasterInfo, rng: np.random.Generator 
     """The window of ``raster`` (its own pixels) to cut for the object, or a Reject.
 
     ``rng``: a numpy Generator or a seed (the recipe seeds it from the sample key).
-    Sizes are in the raster's pixels: ``min_size_px`` defaults to ``out_px // 2``,
+    Sizes are in the raster's pixels: ``min_size_px`` defaults to ``out_px // 4`` (a small
+    polygon's padded box is its tile, as SkyScript's bounding box is),
     ``max_size_px`` to ``out_px * 4``, ``point_size_px`` (points and lines) to ``out_px``
     (the raster's native resolution), clamped into ``[min_size_px, max_size_px]``."""
     if not isinstance(rng, np.random.Generator):
         rng = np.random.default_rng(rng)
-    min_px = out_px // 2 if min_size_px is None else int(min_size_px)
+    min_px = out_px // 4 if min_size_px is None else int(min_size_px)
     max_px = out_px * 4 if max_size_px is None else int(max_size_px)
     if not 1 <= min_px <= max_px:
         raise ValueError(f"need 1 <= min_size_px <= max_size_px, got {min_px}, {max_px}")
@@ -254,4 +255,5 @@ def read_tile(src: Any, window: TileWindow, raster: RasterInfo, out_px: int = DE
     if share > max_nodata:
         return _reject("mostly_nodata", f"{share:.2f} of the tile is no-data > {max_nodata}")
     rgb = to_8bit(data, valid, raster.stretch, raster.dtype)
-    return encode_png(rgb), share, window.box_in_tile(out_px)
+    # uncompressed: the tile goes straight to the decode stage, fused in the same worker
+    return encode_png(rgb, compress_level=0), share, window.box_in_tile(out_px)

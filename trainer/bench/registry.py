@@ -83,8 +83,9 @@ KNOWN: dict[str, DatasetSpec] = {s.name: s for s in [
     DatasetSpec("demo-retrieval", "retrieval", "retrieval", split="test"),
     DatasetSpec("demo-counting", "counting", "counting"),
     DatasetSpec("demo-roof-shape", "classification", "fine/roof_shape", split="split.json",
-                prompts=("skyscript",),
-                note="held-out demo buildings, 3 roof shapes (SkyScript's fine-grained style)"),
+                prompts=("skyscript", "osm"),
+                note="held-out demo buildings, 3 roof shapes (SkyScript's fine-grained style); "
+                     "'osm' prompts are the bare phrase, as the tag captions are"),
 ]}
 
 DEMO_DATASETS = ("demo-scenes", "demo-retrieval", "demo-counting", "demo-roof-shape")
