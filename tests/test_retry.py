@@ -23,13 +23,10 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
-import json
 from pathlib import Path
 
 import pytest
-
-from pipelines.demo.recipes import recipe_args
-from pipelines.recipes import local
+from local_builds import assert_same_build, build, make_world
 
 pytestmark = pytest.mark.slow
 
@@ -41,52 +38,13 @@ class InjectedFailure(RuntimeError):
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """The smallest demo world the ``local`` recipe builds (as in test_worker_pool.py)."""
-    from pipelines.demo.local import build_local
-    from pipelines.demo.pub11 import build_pub11
-    from pipelines.demo.tiny_models import build_tiny_clip
-
-    root = tmp_path_factory.mktemp("retry_world")
-    build_pub11(str(root), "http://127.0.0.1:9", seed=6, n_rs=12, n_non_rs=0, n_probe=0)
-    build_local(str(root), seed=6, n=8)
-    build_tiny_clip(str(root / "models" / "tiny-clip"), seed=6)
-    return root
+    return make_world(tmp_path_factory.mktemp("retry_world"), seed=6)
 
 
 @pytest.fixture(scope="module")
 def direct(world, tmp_path_factory):
     out = tmp_path_factory.mktemp("direct")
     return out, build(world, out)
-
-
-def build(world: Path, out: Path, *extra: str) -> dict:
-    return local.run([*recipe_args(str(world), "local"), "--output", str(out),
-                      "--samples_per_shard", "4", *extra])
-
-
-def files(folder: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-def _content(doc):
-    """A manifest without what names the run: the runner and the output folder."""
-    if isinstance(doc, dict):
-        return {k: _content({c: x for c, x in v.items() if c != "output"}
-                            if k == "config" else v)
-                for k, v in doc.items() if k != "runner"}
-    if isinstance(doc, list):
-        return [_content(v) for v in doc]
-    return doc
-
-
-def assert_same_build(a: Path, b: Path) -> None:
-    fa, fb = files(a), files(b)
-    assert sorted(fa) == sorted(fb)
-    for name in fa:
-        if name.endswith("manifest.json"):
-            assert _content(json.loads(fa[name])) == _content(json.loads(fb[name])), name
-        else:
-            assert fa[name] == fb[name], name
 
 
 def _ident(element) -> str:

@@ -28,28 +28,11 @@ import time
 from pathlib import Path
 
 import pytest
+from local_builds import assert_same_build, build, make_world
 
-from pipelines.demo.recipes import recipe_args
-from pipelines.recipes import local
 from pipelines.worker_pool import WorkerPoolError, check_external_environment, probe_worker_pool
 
 pytestmark = pytest.mark.slow
-
-#: files whose bytes must not depend on the runner (everything but the manifests)
-MANIFESTS = ("manifest.json", os.path.join("subsets", "local", "manifest.json"))
-
-
-def _content(doc):
-    """A manifest without what names the run rather than its content: the runner and the
-    output folder (also in the subsets' manifests nested in the top-level one)."""
-    if isinstance(doc, dict):
-        return {k: _content({c: x for c, x in v.items() if c != "output"}
-                            if k == "config" else v)
-                for k, v in doc.items() if k != "runner"}
-    if isinstance(doc, list):
-        return [_content(v) for v in doc]
-    return doc
-
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -102,40 +85,7 @@ def worker_pool(log_path: Path, path_first: str | None = None):
 def world(tmp_path_factory):
     """The smallest demo world the ``local`` recipe builds: a captioned folder with its
     planted bad rows (rejects) and the tiny CLIP (embeddings)."""
-    from pipelines.demo.local import build_local
-    from pipelines.demo.pub11 import build_pub11
-    from pipelines.demo.tiny_models import build_tiny_clip
-
-    root = tmp_path_factory.mktemp("pool_world")
-    # the folder's scenes are drawn far from PUB11's: it needs a (small) PUB11 world first
-    build_pub11(str(root), "http://127.0.0.1:9", seed=5, n_rs=12, n_non_rs=0, n_probe=0)
-    build_local(str(root), seed=5, n=8)
-    build_tiny_clip(str(root / "models" / "tiny-clip"), seed=5)
-    return root
-
-
-def build(world: Path, out: Path, *extra: str) -> dict:
-    return local.run([*recipe_args(str(world), "local"), "--output", str(out),
-                      "--samples_per_shard", "4", *extra])
-
-
-def files(folder: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-def assert_same_build(a: Path, b: Path) -> None:
-    """Every file of ``a`` and ``b`` byte-identical, but the manifests, which name the
-    runner and the output folder: equal once those are set aside."""
-    fa, fb = files(a), files(b)
-    assert sorted(fa) == sorted(fb)
-    assert any(name.startswith("shards/") for name in fa)
-    assert any(name.startswith("rejects/") for name in fa)
-    for name in fa:
-        if name in MANIFESTS:
-            assert _content(json.loads(fa[name])) == _content(json.loads(fb[name])), name
-        else:
-            assert fa[name] == fb[name], name
+    return make_world(tmp_path_factory.mktemp("pool_world"), seed=5)
 
 
 def test_external_worker_pool_build_is_byte_identical_to_direct_runner(world, tmp_path):
