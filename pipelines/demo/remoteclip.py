@@ -88,7 +88,6 @@ import io
 import json
 import math
 import os
-import shutil
 from collections.abc import Callable
 from typing import Any
 
@@ -99,7 +98,7 @@ from PIL import Image, ImageDraw
 
 from pipelines.demo import scenes
 from pipelines.demo.local import _TRUTH_SCHEMA as _LOCAL_TRUTH_SCHEMA
-from pipelines.demo.truth import tally, write_truth
+from pipelines.demo.truth import fresh_part, tally, write_truth
 
 FOLDER = "remoteclip"
 TRUTH = "remoteclip_truth.parquet"
@@ -991,12 +990,7 @@ def build_remoteclip(out_dir: str, seed: int = 0, n: int = 24) -> dict[str, Any]
     """
     if n < 1:
         raise ValueError("n must be at least 1")
-    root = os.path.join(out_dir, FOLDER)
-    shutil.rmtree(root, ignore_errors=True)
-    truth_path = os.path.join(out_dir, TRUTH)
-    if os.path.exists(truth_path):
-        os.remove(truth_path)
-    os.makedirs(root)
+    root, truth_path = fresh_part(out_dir, FOLDER, TRUTH)
     b = _Builder(out_dir, seed)
     k = max(2, n // 4)
     _dota(b, k)

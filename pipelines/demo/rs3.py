@@ -45,7 +45,6 @@ import json
 import math
 import os
 import posixpath
-import shutil
 import warnings
 from typing import Any
 
@@ -56,7 +55,7 @@ from PIL import Image
 
 from pipelines.demo import scenes
 from pipelines.demo.local import _TRUTH_SCHEMA as _LOCAL_TRUTH_SCHEMA
-from pipelines.demo.truth import tally, write_truth
+from pipelines.demo.truth import fresh_part, tally, write_truth
 
 FOLDER = "rs3"
 TRUTH = "rs3_truth.parquet"
@@ -688,12 +687,7 @@ def build_rs3(out_dir: str, seed: int = 0, n_fmow: int = 24, n_ben: int = 24,
     ``--bigearthnet``, ``--millionaid`` flags take)."""
     if min(n_fmow, n_ben, n_millionaid) < 1:
         raise ValueError("n_fmow, n_ben and n_millionaid must be at least 1")
-    root = os.path.join(out_dir, FOLDER)
-    shutil.rmtree(root, ignore_errors=True)
-    truth_path = os.path.join(out_dir, TRUTH)
-    if os.path.exists(truth_path):
-        os.remove(truth_path)
-    os.makedirs(root)
+    root, truth_path = fresh_part(out_dir, FOLDER, TRUTH)
     w = _Rs3(out_dir, seed)
     _build_fmow_rgb(w, n_fmow)
     _build_fmow_full(w, max(2, n_fmow // 8))

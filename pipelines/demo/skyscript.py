@@ -69,7 +69,7 @@ import pyarrow as pa
 from PIL import Image, ImageDraw
 
 from pipelines.demo.scenes import _car, _shade, _tree
-from pipelines.demo.truth import tally, write_truth
+from pipelines.demo.truth import fresh_part, tally, write_truth
 
 FOLDER = "skyscript"
 TRUTH = "skyscript_truth.parquet"
@@ -1019,12 +1019,7 @@ def build_skyscript(out_dir: str, seed: int = 0, n: int = 1) -> dict[str, Any]:
     "imagery_glob", "truth"}``."""
     if n < 1:
         raise ValueError("n must be at least 1")
-    root = os.path.join(out_dir, FOLDER)
-    shutil.rmtree(root, ignore_errors=True)
-    truth_path = os.path.join(out_dir, TRUTH)
-    if os.path.exists(truth_path):
-        os.remove(truth_path)
-    os.makedirs(root)
+    root, truth_path = fresh_part(out_dir, FOLDER, TRUTH)
 
     plan = _Planner(_rng(seed, 1), n)
     plan.landcover()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 from collections.abc import Sequence
 from typing import Any
 
@@ -24,3 +26,15 @@ def tally(rows: Sequence[dict[str, Any]], col: str) -> dict[str, int]:
         if r[col] is not None:
             out[r[col]] = out.get(r[col], 0) + 1
     return dict(sorted(out.items()))
+
+
+def fresh_part(out_dir: str, folder: str, truth_file: str) -> tuple[str, str]:
+    """Clear a part of the world (``out_dir/folder`` and its truth file) before it is
+    written again; ``(folder path, truth path)``."""
+    root = os.path.join(out_dir, folder)
+    shutil.rmtree(root, ignore_errors=True)
+    truth_path = os.path.join(out_dir, truth_file)
+    if os.path.exists(truth_path):
+        os.remove(truth_path)
+    os.makedirs(root)
+    return root, truth_path
