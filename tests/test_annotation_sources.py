@@ -610,3 +610,35 @@ def test_a_coco_image_named_twice_is_one_record_and_one_counted_reject(tmp_path)
     assert [x["source_id"] for x in out if isinstance(x, dict)] == ["a"]
     assert [(x[0]["source_id"], x[1].reason) for x in out if not isinstance(x, dict)] == [
         ("a#repeat1", "duplicate_image_name")]
+
+
+def test_remote_roots_are_detected_by_the_workers_not_at_parse(tmp_path, monkeypatch):
+    """A gs:// root without a format is left undetected by parse_spec (the listing worker
+    detects it); a karpathy root ending in .json names its caption JSON, which is then the
+    only one read and is found without listing."""
+    from pipelines.sources import archives as arch
+
+    def refuse(root):
+        raise AssertionError(f"listed {root}")
+
+    monkeypatch.setattr(arch, "list_files", refuse)
+    s = ann.parse_spec("x=gs://bucket/x")
+    assert (s.format, s.root) == (None, "gs://bucket/x")
+    s = ann.parse_spec("rsicd=karpathy:gs://bucket/rsicd/dataset_rsicd.json")
+    assert (s.root, s.caption_json) == ("gs://bucket/rsicd", "dataset_rsicd.json")
+    assert ann.caption_set_path(s) == "gs://bucket/rsicd/dataset_rsicd.json"
+    monkeypatch.undo()
+    r = tmp_path / "rsicd"
+    for name, fn in (("dataset_rsicd.json", "a.png"), ("other.json", "b.png")):
+        _write(r, f"images/{fn}", _png(32, 32))
+        _write(r, name, json.dumps({"images": [
+            {"filename": fn, "imgid": 0, "split": "train", "sentences": [{"raw": "x"}]}]}))
+    named = ann.parse_spec(f"rsicd=karpathy:{r}/dataset_rsicd.json")
+    assert [it["source_id"] for it in ann.list_spec(named)] == ["a"]
+    assert [it["source_id"] for it in ann.list_spec(ann.parse_spec(f"rsicd=karpathy:{r}"))] \
+        == ["a", "b"]
+    # a spec without a format is detected where it is listed
+    assert ann.list_spec(ann.parse_spec(f"rsicd={r}", detect=False))[0]["format"] \
+        == "karpathy"
+    with pytest.raises(FileNotFoundError, match="caption JSON"):
+        ann.list_spec(ann.parse_spec(f"rsicd=karpathy:{r}/nope.json"))

@@ -238,24 +238,121 @@ def test_submit_script_translates_for_dataflow_with_gs_weights(tmp_path):
     assert "the pipeline translated; nothing was submitted" in proc.stderr
 
 
-@pytest.mark.slow
-def test_rs5m_translates_for_dataflow_without_touching_the_bucket(monkeypatch):
-    """gs:// input, weights, probe and output: the launcher builds the job without reading
-    or listing the bucket (the workers do). ``--rs_threshold`` is given: without it the RS
-    filter reads the probe's threshold on the launcher."""
+# --- every recipe translates for Dataflow with gs:// everything, no bucket access ---------
+
+BUCKET = "gs://rs-corpus-test"
+ACCELERATOR = "type:nvidia-l4;count:1;install-nvidia-driver"
+DATAFLOW_DRY = ["--runner=DataflowRunner", "--dry_run=True", "--project=rs-corpus-test",
+                "--region=us-central1", f"--temp_location={BUCKET}/tmp",
+                f"--accelerator={ACCELERATOR}", "--clip_model=ViT-B-32",
+                f"--clip_pretrained={BUCKET}/models/vit-b-32.pt"]
+#: recipe → (its gs:// inputs, the model stages its job must hold)
+GS_BUILDS = {
+    "rs5m": ([f"--input={BUCKET}/laion/*.parquet", "--rs_model=ViT-B-32",
+              f"--rs_pretrained={BUCKET}/models/vit-b-32.pt",
+              # the probe's threshold is read on the workers: no --rs_threshold needed
+              f"--rs_probe={BUCKET}/models/rs_probe.json",
+              f"--decontam=aid={BUCKET}/bench/AID",
+              f"--fmow={BUCKET}/fmow", f"--bigearthnet={BUCKET}/bigearthnet",
+              f"--millionaid={BUCKET}/millionaid", f"--local={BUCKET}/mine",
+              f"--captioner={BUCKET}/models/blip2"],
+             {"Caption", "RotationPick", "RSFilter", "Embed"}),
+    "local": ([f"--local={BUCKET}/mine"], {"Embed"}),
+    # every dataset's format named: nothing to detect; caption sets' decontamination below
+    "remoteclip": ([f"--annotations=dota=dota:{BUCKET}/dota",
+                    f"--annotations=loveda=mask_index:{BUCKET}/loveda",
+                    f"--annotations=rsicd=karpathy:{BUCKET}/rsicd",
+                    f"--holdout={BUCKET}/remotecount/manifest.json",
+                    "--decontam_caption_sets=false"], {"Embed"}),
+    "skyscript": ([f"--osm={BUCKET}/osm/*.osm.pbf", f"--imagery={BUCKET}/imagery/*/*.tif"],
+                  {"Embed"}),
+}
+
+
+def _refuse_the_bucket(monkeypatch) -> None:
     from apache_beam.io.gcp import gcsfilesystem
 
-    from pipelines.recipes import rs5m
-
     def refuse(*a, **k):
-        raise AssertionError("the launcher touched the bucket")
+        raise AssertionError(f"the launcher touched the bucket: {a[1:]}")
 
-    for name in ("match", "open", "create", "exists", "delete", "size"):
+    for name in ("match", "open", "create", "exists", "delete", "size", "checksum",
+                 "last_updated", "metadata", "rename", "copy"):
         monkeypatch.setattr(gcsfilesystem.GCSFileSystem, name, refuse)
-    names = rs5m.run([
-        "--runner=DataflowRunner", "--dry_run=True", "--project=rs-corpus-test",
-        "--region=us-central1", "--temp_location=gs://rs-corpus-test/tmp",
-        "--output=gs://rs-corpus-test/rs5m", "--input=gs://rs-corpus-test/laion/*.parquet",
-        "--rs_model=ViT-B-32", "--rs_pretrained=gs://rs-corpus-test/models/vit-b-32.pt",
-        "--rs_probe=gs://rs-corpus-test/models/rs_probe.json", "--rs_threshold=0.5"])
-    assert "Read[pub11]/Match" in names
+
+
+def _dry_run(monkeypatch, recipe: str, args: list[str]):
+    """``recipe``'s DataflowRunner dry run: (transform names, the pipeline proto)."""
+    from pipelines.recipes import kit
+
+    built = {}
+    compose = kit.compose
+
+    def keep(p, *a, **k):
+        built["p"] = p
+        return compose(p, *a, **k)
+
+    monkeypatch.setattr(kit, "compose", keep)
+    module = importlib.import_module(f"pipelines.recipes.{recipe}")
+    names = module.run([*DATAFLOW_DRY, f"--output={BUCKET}/out/{recipe}", *args])
+    return names, built["p"].to_runner_api()
+
+
+def _check_accelerator_on_model_stages(proto, models: set[str]) -> None:
+    """The ``--accelerator`` hint on exactly the model stages (kit.MODEL_STAGES): every
+    hinted transform lies inside one, each model stage's RunInference carries it, and no
+    other transform does."""
+    from apache_beam.transforms.resources import AcceleratorHint
+
+    from pipelines.recipes import kit
+
+    envs = proto.components.environments
+    hinted, plain = set(), set()
+    for t in proto.components.transforms.values():
+        if not t.environment_id:
+            continue
+        hints = envs[t.environment_id].resource_hints
+        if AcceleratorHint.urn in hints:
+            assert hints[AcceleratorHint.urn] == ACCELERATOR.encode()
+            hinted.add(t.unique_name)
+        else:
+            plain.add(t.unique_name)
+
+    def stage_of(name: str) -> str | None:
+        return next((m for m in kit.MODEL_STAGES
+                     if re.search(rf"(^|/){re.escape(m)}\[", name)), None)
+
+    assert {stage_of(n) for n in hinted} == models, sorted(hinted)
+    for m in models:
+        assert any(stage_of(n) == m and "RunInference" in n for n in hinted), m
+    assert not any(stage_of(n) for n in plain), sorted(n for n in plain if stage_of(n))
+    assert any("Read[" in n for n in plain) and any("Tail/Write" in n for n in plain)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", sorted(GS_BUILDS))
+def test_every_recipe_translates_for_dataflow_without_touching_the_bucket(monkeypatch,
+                                                                          recipe):
+    """gs:// inputs (every source of the recipe), weights, manifest and output: the launcher
+    builds the job without listing or reading the bucket (the workers do), and only the
+    model stages ask for the accelerator."""
+    _refuse_the_bucket(monkeypatch)
+    args, models = GS_BUILDS[recipe]
+    names, proto = _dry_run(monkeypatch, recipe, args)
+    _check_accelerator_on_model_stages(proto, models)
+    if recipe == "rs5m":  # every source is in the job, matched or listed inside it
+        for read in ("Read[pub11]/Match", "Read[rs3]/Fmow/", "Read[rs3]/BigEarthNet/",
+                     "Read[rs3]/MillionAID/", "Read[local]/Rows"):
+            assert any(read in n for n in names), read
+
+
+@pytest.mark.slow
+def test_remoteclip_caption_set_decontamination_lists_nothing_on_the_launcher(monkeypatch):
+    """A caption set whose JSON is named (``rsicd=karpathy:ROOT/file.json``) is handed to
+    decontamination as that JSON's test and val splits without listing the set, and the
+    decontamination stage lists its benchmarks on the workers."""
+    _refuse_the_bucket(monkeypatch)
+    names, proto = _dry_run(monkeypatch, "remoteclip", [
+        f"--annotations=dota=dota:{BUCKET}/dota",
+        f"--annotations=rsicd=karpathy:{BUCKET}/rsicd/dataset_rsicd.json"])
+    assert any("BenchmarkImages" in n for n in names)
+    _check_accelerator_on_model_stages(proto, {"Embed"})

@@ -20,11 +20,19 @@ pHash Hamming distance below 2 (``--decontam_hamming 1``); ours (the default) is
 on the full picture and its centre crops, plus the CLIP-embedding cosine. Images held out for
 the counting benchmark (``make remotecount`` writes their manifest) are kept out with
 ``--holdout MANIFEST``.
+
+**On a cluster** the datasets are listed by the workers, and the holdout manifest is read
+by them; the launcher lists nothing in a bucket when every gs:// / s3:// dataset names its
+format and a caption set names its JSON (``rsicd=karpathy:gs://b/rsicd/dataset_rsicd.json``):
+the decontamination spec of a caption set must be known when the job is built
+(:meth:`RemoteClipHead.resolve`). The decontamination stage then reads its benchmarks (the
+caption JSON and its test/val images) on the launcher (``pipelines.stages.decontam``).
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 from typing import Any
 
 import apache_beam as beam
@@ -35,6 +43,7 @@ from pipelines.sinks.shards import read_json
 from pipelines.stages.unique_keys import UniqueKeys
 
 HOLDOUT_STAGE = "holdout"
+LOG = logging.getLogger(__name__)
 
 
 def holdout_filter(held: frozenset[tuple[str, str]]):
@@ -48,6 +57,23 @@ def holdout_filter(held: frozenset[tuple[str, str]]):
         return record
 
     return check
+
+
+class HoldoutFilter:
+    """:func:`holdout_filter` of a manifest read where the stage runs (once per worker
+    process, on first use), so a gs:// manifest is not read by the launcher."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._check = None
+
+    def __call__(self, record: dict[str, Any]) -> dict[str, Any] | Reject:
+        if self._check is None:
+            self._check = holdout_filter(read_holdout(self.path))
+        return self._check(record)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"path": self.path, "_check": None}
 
 
 def read_holdout(path: str) -> frozenset[tuple[str, str]]:
@@ -104,18 +130,41 @@ class RemoteClipHead(kit.Head):
                 if s.strip()]
 
     def resolve(self, cfg: dict[str, Any]) -> None:
-        from pipelines.sources.annotations import caption_set_json, parse_spec
+        """Checks the specs and adds each caption set's decontamination spec.
+
+        Nothing in a bucket is listed or read here when every gs:// / s3:// spec names its
+        format and every remote caption set names its JSON (``name=karpathy:ROOT/x.json``).
+        Otherwise, with ``--decontam_caption_sets`` on, a remote root without a format is
+        listed here to learn whether it is a caption set, and a remote caption set without a
+        named JSON to find its JSON: the decontamination specs are part of the job graph, so
+        they must be known before the pipeline is built (a warning says so)."""
+        from pipelines.sources.annotations import caption_set_path, detected, is_remote, parse_spec
 
         try:
-            specs = [parse_spec(s) for s in self.specs(cfg)]
+            specs = [parse_spec(s) for s in self.specs(cfg)]  # local roots detected here
+            if cfg["decontam_caption_sets"]:
+                for i, s in enumerate(specs):
+                    if s.format is None:
+                        LOG.warning("remoteclip: listing %s on the launcher to tell whether "
+                                    "%s is a caption set (name its format to avoid it)",
+                                    s.root, s.name)
+                        specs[i] = detected(s)
         except ValueError as e:
             raise SystemExit(f"remoteclip: {e}") from None
         if cfg["decontam_caption_sets"]:
-            extra = [f"{s.name}_test={caption_set_json(s.root)}@test@val"
-                     for s in specs if s.format == "karpathy"]
+            extra = []
+            for s in specs:
+                if s.format != "karpathy":
+                    continue
+                if is_remote(s.root) and not s.caption_json:
+                    LOG.warning("remoteclip: listing %s on the launcher to find %s's caption "
+                                "JSON (name it, %s=karpathy:ROOT/FILE.json, to avoid it)",
+                                s.root, s.name, s.name)
+                extra.append(f"{s.name}_test={caption_set_path(s)}@test@val")
             cfg["decontam"] = list(cfg.get("decontam") or []) + extra
-        if cfg.get("holdout"):
-            read_holdout(cfg["holdout"])  # an unusable manifest fails before any work
+        holdout = cfg.get("holdout")
+        if holdout and "://" not in holdout:
+            read_holdout(holdout)  # an unusable manifest fails before any work
 
     def expand(self, p: beam.Pipeline, cfg: dict[str, Any]) -> kit.Branch:
         from pipelines.sources.annotations import ReadAnnotations
@@ -128,7 +177,8 @@ class RemoteClipHead(kit.Head):
         b = kit.Branch.read(p, subset, "Read", ReadAnnotations(
             self.specs(cfg), subset, tile=cfg.get("tile"), tile_overlap=cfg["tile_overlap"]))
         if cfg.get("holdout"):
-            b.apply_fn("Holdout", holdout_filter(read_holdout(cfg["holdout"])))
+            # read where the stage runs: a gs:// manifest is not read by the launcher
+            b.apply_fn("Holdout", HoldoutFilter(cfg["holdout"]))
         b.apply("UniqueIds", UniqueKeys())
         b.apply("Decode", Decode(kit.image_config(cfg)))
         if cfg["dedup"]:

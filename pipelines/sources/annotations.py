@@ -5,6 +5,7 @@ RemoteCLIP head's records: one record per image, or per tile of a large scene.
 
     name=format:root          dota, voc, coco, yolo, karpathy, mask_index, mask_rgb
     name=mask_rgb[table]:root a mask dataset whose class table is not named ``name``
+    name=karpathy:root/x.json a caption set whose caption JSON is named (that JSON only)
     name=root                 the format detected from the layout (:func:`detect_format`)
 
 ``name`` (letters, digits, ``_.-``) is the record's ``source``. A mask spec's class table
@@ -12,6 +13,13 @@ RemoteCLIP head's records: one record per image, or per tile of a large scene.
 ``vaihingen=mask_rgb[potsdam]:/data/vaihingen`` reads Vaihingen with the Potsdam colour table.
 A ``root`` may be any Beam filesystem path: ``name=gs://b/x`` is a root (``gs`` followed by
 ``//`` is no format), ``name=coco:gs://b/x`` a COCO root there.
+
+**Where roots are listed.** Inside the pipeline: each dataset is listed by one worker
+(``FileSystems.match(root/**)``), which also detects a gs:// or s3:// root's format. The
+launcher lists nothing in a bucket; it only checks a local root and detects a local root's
+format (cheap, so a typo fails before the pipeline starts). Naming a caption set's JSON
+(``rsicd=karpathy:gs://b/rsicd/dataset_rsicd.json``) lets the RemoteCLIP recipe hand it to
+decontamination without listing the set (:func:`caption_set_path`).
 
 **Layouts** (folder names as written; the annotation of ``P/<image dir>/R.ext`` is
 ``P/<annotation dir>/R.<ext>``, so ``train/images/`` beside ``train/labelTxt/`` works too):
@@ -182,14 +190,25 @@ class AnnotationSpec:
     format: str | None
     root: str
     table: str | None = None  # masks only: the class table (default: name)
+    #: karpathy only: the caption JSON's name at the root, when the spec names it
+    #: (``name=karpathy:ROOT/dataset.json``); None: every root-level caption JSON
+    caption_json: str | None = None
 
 
-def parse_spec(text: str, *, detect: bool = True) -> AnnotationSpec:
-    """``name=format:root``, ``name=mask_rgb[table]:root`` or ``name=root`` → a spec.
+def is_remote(root: str) -> bool:
+    return "://" in root
+
+
+def parse_spec(text: str, *, detect: bool | None = None) -> AnnotationSpec:
+    """``name=format:root``, ``name=mask_rgb[table]:root``, ``name=karpathy:root/file.json``
+    or ``name=root`` → a spec.
 
     Without a format, ``detect`` lists the root and calls :func:`detect_format`
-    (``detect=False`` leaves ``format`` None). Raises ValueError on a bad name, an unknown
-    format, a table on a format other than masks."""
+    (``detect=False`` leaves ``format`` None; the default, None, detects a local root only:
+    a gs:// or s3:// root is detected by the worker that lists it, :func:`detected`, so the
+    launcher never lists a bucket). A karpathy root ending in ``.json`` names the caption
+    JSON: the dataset is that file's folder, its images those of that JSON alone. Raises
+    ValueError on a bad name, an unknown format, a table on a format other than masks."""
     name, sep, rest = str(text).strip().partition("=")
     name, rest = name.strip(), rest.strip()
     if not sep or not _NAME.match(name) or not rest:
@@ -207,11 +226,27 @@ def parse_spec(text: str, *, detect: bool = True) -> AnnotationSpec:
     root = rest.rstrip("/") or "/"
     if "://" not in root:
         root = os.path.abspath(root)
-    if fmt is None and detect:
-        fmt = detect_format(root)
+    caption_json = None
+    if fmt == "karpathy" and root.lower().endswith(".json"):
+        root, caption_json = posixpath.split(root)
+        root = root.rstrip("/") or "/"
     if fmt is not None and fmt.startswith("mask_"):
         table = table or name
-    return AnnotationSpec(name, fmt, root, table)
+    if detect is None:
+        detect = not is_remote(root)
+    spec = AnnotationSpec(name, fmt, root, table, caption_json)
+    return detected(spec) if detect else spec
+
+
+def detected(spec: AnnotationSpec) -> AnnotationSpec:
+    """``spec`` with its format found from the root's layout when it names none
+    (:func:`detect_format`: lists the root), and a mask spec's class table."""
+    fmt, table = spec.format, spec.table
+    if fmt is None:
+        fmt = detect_format(spec.root)
+    if fmt.startswith("mask_"):
+        table = table or spec.name
+    return dataclasses.replace(spec, format=fmt, table=table)
 
 
 def _folders(files: Iterable[str]) -> dict[str, set[str]]:
@@ -259,6 +294,15 @@ def _karpathy_jsons(root: str, files: dict[str, int]) -> list[str]:
                 and "filename" in ims[0]:
             out.append(rel)
     return out
+
+
+def caption_set_path(spec: AnnotationSpec) -> str:
+    """The caption JSON of a karpathy spec, for decontamination: the one the spec names
+    (``name=karpathy:ROOT/file.json``: nothing listed or read), else
+    :func:`caption_set_json` of its root (lists the root, reads its root-level JSONs)."""
+    if spec.caption_json:
+        return archives.rel_join(spec.root, spec.caption_json)
+    return caption_set_json(spec.root)
 
 
 def caption_set_json(root: str) -> str:
@@ -903,7 +947,14 @@ def _list_karpathy(spec: AnnotationSpec, files: dict[str, int],
                    max_json_bytes: int) -> list[dict[str, Any]]:
     index = _images_index(files)
     items: dict[str, dict[str, Any]] = {}
-    jsons = [r for r in files if "/" not in r and r.lower().endswith(".json")]
+    if spec.caption_json:
+        if spec.caption_json not in files:
+            raise FileNotFoundError(f"{spec.name}: caption JSON "
+                                    f"{archives.rel_join(spec.root, spec.caption_json)} "
+                                    "not found")
+        jsons = [spec.caption_json]
+    else:
+        jsons = [r for r in files if "/" not in r and r.lower().endswith(".json")]
     for rel in jsons:
         path = archives.rel_join(spec.root, rel)
         entries = _listing_json(spec, files, rel, max_json_bytes, karpathy_train_items, items)
@@ -935,7 +986,9 @@ def list_spec(spec: AnnotationSpec, max_json_bytes: int = DEFAULT_MAX_JSON_BYTES
               ) -> list[dict[str, Any]]:
     """The work items of one dataset, sorted by source_id: one per image (an annotation
     without its image, a JSON that does not parse: an item carrying its ``error``). COCO and
-    Karpathy JSONs are read here, once, and their objects / sentences travel in the items."""
+    Karpathy JSONs are read here, once, and their objects / sentences travel in the items.
+    A spec without a format is detected first (:func:`detected`)."""
+    spec = detected(spec)
     if spec.format not in FORMATS:
         raise ValueError(f"{spec.name}: format {spec.format!r} is not one of {FORMATS}")
     files = archives.list_files(spec.root)
@@ -1133,7 +1186,7 @@ class _List(beam.DoFn):
         self.max_json_bytes = max_json_bytes
 
     def process(self, spec_fields: dict[str, Any]) -> Iterator[dict[str, Any]]:
-        spec = AnnotationSpec(**spec_fields)
+        spec = detected(AnnotationSpec(**spec_fields))  # a bucket's layout: found here
         items = list_spec(spec, self.max_json_bytes)
         if not items:
             raise FileNotFoundError(f"{spec.name}: no {spec.format} entries under {spec.root}")
@@ -1168,7 +1221,10 @@ class _Read(beam.DoFn):
 class ReadAnnotations(beam.PTransform):
     """Annotation specs (:func:`parse_spec` strings) → ``{"records", "rejects"}`` (see the
     module docstring). Each dataset is listed by one worker (its COCO/Karpathy JSONs read
-    there, once), the items are spread, then read."""
+    there, once; a gs:// or s3:// root without a format detected there too), the items are
+    spread, then read. The launcher lists nothing in a bucket: it checks that a local root
+    is a folder and detects a local root's format (cheap), so a typo fails before the
+    pipeline starts."""
 
     def __init__(self, specs: str | Iterable[str], subset: str = "remoteclip",
                  max_bytes: int = DEFAULT_MAX_BYTES, tile: int | None = None,
@@ -1183,7 +1239,7 @@ class ReadAnnotations(beam.PTransform):
         if tile is not None and (tile <= 0 or not 0.0 <= tile_overlap < 1.0):
             raise ValueError("tile must be positive and 0 <= tile_overlap < 1")
         self.specs = sorted({parse_spec(t) for t in texts},
-                            key=lambda s: (s.name, s.root, s.format or ""))
+                            key=lambda s: (s.name, s.root, s.format or "", s.caption_json or ""))
         for s in self.specs:
             if "://" not in s.root:
                 archives.check_roots([s.root])
@@ -1205,8 +1261,8 @@ class ReadAnnotations(beam.PTransform):
 
 __all__ = [
     "AnnotationError", "AnnotationSpec", "CocoImage", "ReadAnnotations", "caption_set_json",
-    "clip_objects",
-    "detect_format", "karpathy_train_items", "list_spec", "parse_coco", "parse_dota",
+    "caption_set_path", "clip_objects",
+    "detect_format", "detected", "karpathy_train_items", "list_spec", "parse_coco", "parse_dota",
     "parse_spec", "parse_voc", "parse_yolo", "parse_yolo_names", "read_item", "safe_xml",
     "source_id_of", "tile_objects", "tile_windows",
 ]

@@ -36,6 +36,11 @@ absolute path, or ``..`` that leaves the folder), ``empty_caption``, ``caption_t
 ``bad_coordinates``, ``bad_caption_kind``, ``malformed_row`` (a table row that is not an object
 or names no image), ``missing_caption`` (an image without its ``.txt``). A table that cannot be
 read at all fails the build with its path named.
+
+The folder is looked into **inside the pipeline**: the worker that reads the table finds it (or
+walks the folder for ``.txt`` captions, ``FileSystems.match(folder/**)`` on a bucket), so the
+launcher never lists or opens anything in a gs:// or s3:// folder; a local folder is checked to
+exist on the launcher (cheap), so a typo fails before the pipeline starts.
 """
 
 from __future__ import annotations
@@ -273,13 +278,15 @@ class _ReadFolder(beam.DoFn):
         self.max_caption_chars = max_caption_chars
 
     def process(self, _):
-        rows = table_rows(self.table) if self.table else txt_rows(self.root)
+        # the layout is found here, on a worker: the launcher never looks inside a bucket
+        table = self.table or find_table(self.root)
+        rows = table_rows(table) if table else txt_rows(self.root)
         n = -1
         for n, (label, row) in enumerate(rows):
             out = row_to_record(row, root=self.root, subset=self.subset, source=self.source,
                                 order=f"{n:012d}", fallback_id=label,
                                 max_caption_chars=self.max_caption_chars)
-            if not self.table and row.get("captions") is None:
+            if not table and row.get("captions") is None:
                 rec = out[0] if isinstance(out, tuple) else out
                 out = rec, Reject(STAGE, "missing_caption",
                                   f"no {posixpath.splitext(label)[0]}.txt beside the image")
@@ -289,15 +296,19 @@ class _ReadFolder(beam.DoFn):
             else:
                 yield out
         if n < 0:
-            raise ValueError(f"{self.table or self.root}: no captioned images found (a caption "
+            raise ValueError(f"{table or self.root}: no captioned images found (a caption "
                              f"table {', '.join(TABLE_NAMES)} or images with .txt captions)")
 
 
 class ReadCaptionedFolder(beam.PTransform):
     """A folder of captioned images → records (main) and unusable rows (``rejects``).
 
-    The layout is detected at construction time (so a missing folder fails before any worker
-    starts); the table is read by one worker, then the records are spread.
+    The layout is detected by the worker that reads the table (a standard table name looked
+    up, or the folder walked for ``.txt`` captions), so a gs:// or s3:// folder is never
+    looked into by the launcher; a local folder that does not exist still fails at
+    construction, before the pipeline starts. The table is read by one worker, then the
+    records are spread. ``table``: the caption table's path when it has no standard name
+    (default: found by the worker).
     """
 
     def __init__(self, root: str, subset: str = "local", source: str | None = None,
@@ -309,7 +320,7 @@ class ReadCaptionedFolder(beam.PTransform):
             if not os.path.isdir(root):
                 raise FileNotFoundError(f"captioned folder {root} does not exist")
         self.root = root
-        self.table = table or find_table(root)
+        self.table = table
         self.subset = subset
         self.source = source or posixpath.basename(root.rstrip("/")) or subset
         self.max_caption_chars = max_caption_chars

@@ -255,7 +255,8 @@ class Decontaminate(beam.PTransform):
     """Records (with ``phash`` and, when embedding, ``_img_emb``) → ``records`` + ``rejects``.
 
     Args:
-      specs: [(name, path)] (``parse_specs``); listed on the launcher.
+      specs: [(name, path)] (``parse_specs``); listed on the workers (a gs:// benchmark
+        costs the launcher no bucket access; a missing one fails the job there).
       image_cfg: the recipe's ``ImageConfig`` (benchmark images are normalised like ours).
       embedder: an ``OpenClipImageEmbedder`` (same model as the Embed stage) or None: pHash only.
       max_hamming / min_cosine: match thresholds (``min_cosine=None``: no embedding match).
@@ -265,7 +266,7 @@ class Decontaminate(beam.PTransform):
                  max_hamming: int = 4, min_cosine: float | None = None,
                  embedding_field: str = "_img_emb") -> None:
         super().__init__()
-        self.items = list_benchmarks(specs)
+        self.specs = [(str(n), str(p)) for n, p in specs]
         self.image_cfg = image_cfg
         self.embedder = embedder
         self.max_hamming = max_hamming
@@ -278,7 +279,9 @@ class Decontaminate(beam.PTransform):
         cfg = self.image_cfg
         bench = (
             records.pipeline
-            | "BenchmarkImages" >> beam.Create(self.items)
+            | "BenchmarkSpecs" >> beam.Create(self.specs)
+            | "BenchmarkImages" >> beam.FlatMap(lambda spec: list_benchmarks([spec]))
+            | "BenchmarkSpread" >> beam.Reshuffle()
             | "BenchmarkNormalise" >> beam.Map(benchmark_record, image_cfg=cfg)
             | "BenchmarkDecoded" >> beam.Filter(lambda r: r is not None)
         )
