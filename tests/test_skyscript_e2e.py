@@ -20,12 +20,12 @@ import shapely
 import shapely.wkt
 from affine import Affine
 from PIL import Image
-from pipelines.demo.skyscript import build_skyscript
 from rasterio.warp import transform_geom
 from shapely.geometry import box, mapping, shape
 
 from pipelines.demo import scoring
 from pipelines.demo.recipes import recipe_args
+from pipelines.demo.skyscript import build_skyscript
 from pipelines.demo.tiny_models import build_tiny_clip
 from pipelines.recipes import skyscript
 from pipelines.sources.imagery import catalogue
