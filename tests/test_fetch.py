@@ -544,3 +544,48 @@ def test_credentials_in_the_url_are_not_sent(demo_server, demo_root):
     url = demo_server.url("/img/b.png").replace("http://", "http://user:secret@")
     assert fetch_url(url, FAST) == body_of(demo_root, "b.png")
     assert "Authorization" not in demo_server.last_headers["/img/b.png"]
+
+
+@pytest.mark.parametrize("decode", [False, True])
+def test_fetch_in_worker_processes_equals_fetch_in_threads(demo_server, decode):
+    """processes > 1 (fetch and decode in forked worker processes, batches kept in flight)
+    gives the same records and rejects as fetching in the worker's own threads."""
+    import dataclasses
+
+    from pipelines.stages.images import ImageConfig
+
+    records = [
+        record("k1", demo_server.url("/img/a.jpg")),
+        record("k2", demo_server.url("/img/b.png")),
+        record("k3", demo_server.url("/img/gone.jpg")),
+        record("k4", demo_server.url("/html")),
+        record("k5", demo_server.url("/img/c.jpg")),
+        record("k6", None),
+        record("k7", demo_server.url("/redirect/img/c.jpg")),
+    ]
+    cfg = ImageConfig(image_size=64) if decode else None
+
+    def rows(pcoll, label):
+        return (pcoll | label >> beam.Map(lambda r: repr(sorted(
+            (k, v) for k, v in r.items() if k != "detail")))
+            | f"{label}List" >> beam.combiners.ToList()
+            | f"{label}Sorted" >> beam.Map(sorted))
+
+    with TestPipeline() as p:
+        src = p | beam.Create(records)
+        threads = src | "Threads" >> Fetch(FAST, batch_size=2, decode=cfg)
+        procs = src | "Procs" >> Fetch(dataclasses.replace(FAST, processes=2), batch_size=2,
+                                       decode=cfg)
+        want = rows(threads.records, "WantOk")
+        got = rows(procs.records, "GotOk")
+        want_rej = rows(threads[REJECTS], "WantRej")
+        got_rej = rows(procs[REJECTS], "GotRej")
+
+        def same(pair):
+            a, b = pair
+            assert a == b, (a, b)
+
+        _ = ((want, got) | "OkPair" >> beam.Flatten() | "OkAll" >> beam.combiners.ToList()
+             | "OkSame" >> beam.Map(same))
+        _ = ((want_rej, got_rej) | "RejPair" >> beam.Flatten()
+             | "RejAll" >> beam.combiners.ToList() | "RejSame" >> beam.Map(same))

@@ -4,6 +4,13 @@ The pure part is :func:`fetch_url` (one URL) and :class:`Fetcher` (many URLs in 
 worker, like img2dataset's downloader threads). The Beam part is :class:`FetchDoFn`, which takes
 a *batch* of records so that a whole batch is downloaded concurrently, and :class:`Fetch`.
 
+**Worker processes.** ``FetchConfig.processes`` > 1 moves fetching (and decoding, with
+``decode``) into that many forked processes per Beam worker, each with its own ``threads``
+threads, pool and watchdog, so the per-request Python and Pillow's Python parts leave the
+worker's GIL; batches stay in flight while the worker emits earlier ones (the last in
+``finish_bundle``, in the global window, where the records live). For a local build's single
+in-memory worker; a cluster's runner already runs a worker per core.
+
 Rows of LAION-style web parquet are untrusted input, so fetching is built like a careful crawler:
 
 **Supported URLs.** ``http://`` and ``https://``, through ``urllib3`` used directly: one pooled
@@ -63,6 +70,7 @@ carries the exception). Nothing here raises for a bad URL.
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import dataclasses
 import email.utils
@@ -146,7 +154,12 @@ class FetchConfig:
     # X-Robots-Tag lines addressed to one of these user-agent tokens apply to us (we are an
     # img2dataset-compatible crawler, so opt-outs aimed at img2dataset are honoured too).
     user_agent_tokens: tuple[str, ...] = ("rs-corpus", "img2dataset")
-    threads: int = 64  # requests in flight per worker
+    threads: int = 64  # requests in flight per worker (per process, with processes > 1)
+    # Worker processes that fetch (and decode) for each Beam worker: 1 fetches in the worker's
+    # own threads; more moves the per-request Python and the decoding out of the worker's GIL
+    # (for a local build's single in-memory worker; on a cluster, the runner's workers already
+    # fill the cores).
+    processes: int = 1
     address_guard: bool = True  # refuse non-global addresses (SSRF guard)
     allow_networks: tuple[str, ...] = ()  # CIDRs exempt from the address guard
     allowed_prefixes: tuple[str, ...] = ()  # local dirs / bucket prefixes rows may name
@@ -164,8 +177,8 @@ class FetchConfig:
             raise ValueError("retries, backoff and max_retry_after must be >= 0")
         if self.max_redirects < 0:
             raise ValueError("max_redirects must be >= 0")
-        if self.max_bytes <= 0 or self.threads <= 0:
-            raise ValueError("max_bytes and threads must be positive")
+        if self.max_bytes <= 0 or self.threads <= 0 or self.processes <= 0:
+            raise ValueError("max_bytes, threads and processes must be positive")
         _networks(self.allow_networks)  # raises ValueError naming a bad CIDR
         if any(not str(p).strip() for p in self.allowed_prefixes):
             raise ValueError("allowed_prefixes must not contain empty strings")
@@ -1067,6 +1080,25 @@ def outcome_name(outcome: bytes | Reject) -> str:
     return outcome.reason if isinstance(outcome, Reject) else "ok"
 
 
+_CHILD: dict[str, Any] = {}
+
+
+def _child_init(cfg: FetchConfig) -> None:
+    """In a fetch worker process: its own Fetcher (threads, pool, watchdog)."""
+    _CHILD["fetcher"] = Fetcher(dataclasses.replace(cfg, processes=1))
+
+
+def _child_fetch(urls: list[Any], decode: Any) -> list[Any]:
+    """In a fetch worker process: what ``Fetcher.fetch_many`` gives for ``urls`` (decoded
+    with ``decode``, an ``ImageConfig``, when given)."""
+    fetcher: Fetcher = _CHILD["fetcher"]
+    if decode is None:
+        return fetcher.fetch_many(urls)
+    from pipelines.stages import images
+
+    return fetcher.fetch_many(urls, functools.partial(images.normalise_image, cfg=decode))
+
+
 class FetchDoFn(beam.DoFn):
     """Batch of records → each record with ``_body`` (main) or its reject row (``rejects``).
 
@@ -1086,11 +1118,22 @@ class FetchDoFn(beam.DoFn):
         self._fetcher = Fetcher(self.cfg)
         self._bytes = beam.metrics.Metrics.distribution(STAGE, "bytes")
         self._progress = Progress(STAGE)
+        self._procs: Any = None
+        self._inflight: collections.deque = collections.deque()
+        if self.cfg.processes > 1:
+            import multiprocessing
+
+            self._procs = concurrent.futures.ProcessPoolExecutor(
+                max_workers=self.cfg.processes, mp_context=multiprocessing.get_context("fork"),
+                initializer=_child_init, initargs=(self.cfg,))
 
     def teardown(self) -> None:
         if self._fetcher is not None:
             self._fetcher.close()
             self._fetcher = None
+        if getattr(self, "_procs", None) is not None:
+            self._procs.shutdown(wait=True, cancel_futures=True)
+            self._procs = None
 
     def _count(self, name: str, stage: str = STAGE) -> None:
         counter = self._counters.get((stage, name))
@@ -1098,12 +1141,17 @@ class FetchDoFn(beam.DoFn):
             counter = self._counters[stage, name] = beam.metrics.Metrics.counter(stage, name)
         counter.inc()
 
-    def process(self, batch: list[dict[str, Any]] | dict[str, Any]) -> Iterator[Any]:
+    def process(self, batch: list[dict[str, Any]] | dict[str, Any],
+                timestamp: Any = beam.DoFn.TimestampParam,
+                window: Any = beam.DoFn.WindowParam) -> Iterator[Any]:
         records = [batch] if isinstance(batch, dict) else list(batch)
         if self._fetcher is None:  # runners call setup(); this is for direct use
             self.setup()
         assert self._fetcher is not None
         urls = [r.get("url") for r in records]
+        if getattr(self, "_procs", None) is not None:
+            yield from self._in_processes(records, urls, (timestamp, window))
+            return
         if self.decode is not None:
             yield from self._fetch_and_decode(records, urls)
             return
@@ -1116,6 +1164,72 @@ class FetchDoFn(beam.DoFn):
             else:
                 self._bytes.update(len(outcome))
                 yield {**record, "_body": outcome}
+
+    def _in_processes(self, records: list[dict[str, Any]], urls: list[Any],
+                      where: tuple[Any, Any]) -> Iterator[Any]:
+        """Hand the batch to the worker processes; emit the batches handed over before it
+        once more than two are in flight (the rest in ``finish_bundle``), so the processes
+        keep fetching while this thread emits."""
+        n = self.cfg.processes
+        step = -(-len(urls) // n)
+        futures = [self._procs.submit(_child_fetch, urls[i : i + step], self.decode)
+                   for i in range(0, len(urls), step)]
+        self._inflight.append((records, futures, where))
+        while len(self._inflight) > 2:
+            yield from self._windowed(*self._emit_oldest())
+
+    def _emit_oldest(self) -> tuple[tuple[Any, Any], Iterator[Any]]:
+        """(timestamp and window of the oldest batch in flight, its outputs)."""
+        records, futures, where = self._inflight.popleft()
+        outcomes = [o for f in futures for o in f.result()]
+        emit = self._outputs if self.decode is None else self._decoded_outputs
+        return where, (out for record, outcome in zip(records, outcomes, strict=True)
+                       for out in emit(record, outcome))
+
+    def finish_bundle(self) -> Iterator[Any]:
+        while getattr(self, "_inflight", None):
+            yield from self._windowed(*self._emit_oldest())
+
+    @staticmethod
+    def _windowed(where: tuple[Any, Any], outs: Iterable[Any]) -> Iterator[Any]:
+        """``outs`` in the window (and at the timestamp) of the batch they came from."""
+        from apache_beam.transforms.window import GlobalWindow
+        from apache_beam.utils.timestamp import MIN_TIMESTAMP
+        from apache_beam.utils.windowed_value import WindowedValue
+
+        timestamp, window = where
+        if not isinstance(window, beam.transforms.window.BoundedWindow):  # direct use
+            timestamp, window = MIN_TIMESTAMP, GlobalWindow()
+        for out in outs:
+            if isinstance(out, beam.pvalue.TaggedOutput):
+                yield beam.pvalue.TaggedOutput(
+                    out.tag, WindowedValue(out.value, timestamp, (window,)))
+            else:
+                yield WindowedValue(out, timestamp, (window,))
+
+    def _outputs(self, record: dict[str, Any], outcome: bytes | Reject) -> Iterator[Any]:
+        self._count(outcome_name(outcome))
+        self._progress.add(outcome_name(outcome))
+        if isinstance(outcome, Reject):
+            yield beam.pvalue.TaggedOutput(REJECTS, reject_row(record, outcome))
+        else:
+            self._bytes.update(len(outcome))
+            yield {**record, "_body": outcome}
+
+    def _decoded_outputs(self, record: dict[str, Any], outcome: Any) -> Iterator[Any]:
+        from pipelines.stages import images
+
+        if isinstance(outcome, Reject):
+            self._count(outcome.reason)
+            self._progress.add(outcome.reason)
+            yield beam.pvalue.TaggedOutput(REJECTS, reject_row(record, outcome))
+            return
+        nbytes, result = outcome
+        self._count("ok")
+        self._progress.add("ok")
+        self._bytes.update(nbytes)
+        self._count(result.reason if isinstance(result, Reject) else "ok", images.STAGE)
+        yield images.decoded_output(record, result, nbytes)
 
     def _fetch_and_decode(self, records: list[dict[str, Any]], urls: list[Any]) -> Iterator[Any]:
         from pipelines.stages import images
