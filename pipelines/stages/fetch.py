@@ -1153,17 +1153,16 @@ class FetchDoFn(beam.DoFn):
             yield from self._in_processes(records, urls, (timestamp, window))
             return
         if self.decode is not None:
-            yield from self._fetch_and_decode(records, urls)
-            return
-        outcomes = self._fetcher.fetch_many(urls)
+            from pipelines.stages import images
+
+            outcomes = self._fetcher.fetch_many(
+                urls, functools.partial(images.normalise_image, cfg=self.decode))
+            emit = self._decoded_outputs
+        else:
+            outcomes = self._fetcher.fetch_many(urls)
+            emit = self._outputs
         for record, outcome in zip(records, outcomes, strict=True):
-            self._count(outcome_name(outcome))
-            self._progress.add(outcome_name(outcome))
-            if isinstance(outcome, Reject):
-                yield beam.pvalue.TaggedOutput(REJECTS, reject_row(record, outcome))
-            else:
-                self._bytes.update(len(outcome))
-                yield {**record, "_body": outcome}
+            yield from emit(record, outcome)
 
     def _in_processes(self, records: list[dict[str, Any]], urls: list[Any],
                       where: tuple[Any, Any]) -> Iterator[Any]:
@@ -1230,24 +1229,6 @@ class FetchDoFn(beam.DoFn):
         self._bytes.update(nbytes)
         self._count(result.reason if isinstance(result, Reject) else "ok", images.STAGE)
         yield images.decoded_output(record, result, nbytes)
-
-    def _fetch_and_decode(self, records: list[dict[str, Any]], urls: list[Any]) -> Iterator[Any]:
-        from pipelines.stages import images
-
-        cfg = self.decode
-        outcomes = self._fetcher.fetch_many(urls, lambda body: images.normalise_image(body, cfg))
-        for record, outcome in zip(records, outcomes, strict=True):
-            if isinstance(outcome, Reject):
-                self._count(outcome.reason)
-                self._progress.add(outcome.reason)
-                yield beam.pvalue.TaggedOutput(REJECTS, reject_row(record, outcome))
-                continue
-            nbytes, result = outcome
-            self._count("ok")
-            self._progress.add("ok")
-            self._bytes.update(nbytes)
-            self._count(result.reason if isinstance(result, Reject) else "ok", images.STAGE)
-            yield images.decoded_output(record, result, nbytes)
 
 
 class Fetch(beam.PTransform):
