@@ -506,6 +506,15 @@ class Recipe:
         add_shared_flags(ap, self.default_output)
         return ap
 
+    def run(self, argv: Sequence[str] | None = None) -> Any:
+        """Build as ``argv`` says (``--help`` lists the flags): :func:`run`. A recipe module
+        exports it as its ``run``."""
+        return run(self, argv)
+
+    def main(self) -> None:
+        """The command line (``python -m pipelines.recipes.<name>``): :func:`main`."""
+        main(self)
+
     def manifest(self, cfg: dict[str, Any], runner: str, subsets: Sequence[str]
                  ) -> dict[str, Any]:
         return {

@@ -65,13 +65,7 @@ class LocalFolder(kit.Head):
 
 RECIPE = kit.Recipe("local", __doc__ or "", [LocalFolder()], "out/local")
 
-
-def run(argv: list[str] | None = None) -> Any:
-    return kit.run(RECIPE, argv)
-
-
-def main() -> None:
-    kit.main(RECIPE)
+run, main = RECIPE.run, RECIPE.main  # the entry points (tests call run(argv))
 
 
 if __name__ == "__main__":

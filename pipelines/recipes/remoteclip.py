@@ -25,8 +25,8 @@ the counting benchmark (``make remotecount`` writes their manifest) are kept out
 by them; the launcher lists nothing in a bucket when every gs:// / s3:// dataset names its
 format and a caption set names its JSON (``rsicd=karpathy:gs://b/rsicd/dataset_rsicd.json``):
 the decontamination spec of a caption set must be known when the job is built
-(:meth:`RemoteClipHead.resolve`). The decontamination stage then reads its benchmarks (the
-caption JSON and its test/val images) on the launcher (``pipelines.stages.decontam``).
+(:meth:`RemoteClipHead.resolve`); the decontamination stage reads its benchmarks (the
+caption JSON and its test/val images) on the workers (``pipelines.stages.decontam``).
 """
 
 from __future__ import annotations
@@ -191,13 +191,7 @@ class RemoteClipHead(kit.Head):
 
 RECIPE = kit.Recipe("remoteclip", __doc__ or "", [RemoteClipHead()], "out/remoteclip")
 
-
-def run(argv: list[str] | None = None) -> Any:
-    return kit.run(RECIPE, argv)
-
-
-def main() -> None:
-    kit.main(RECIPE)
+run, main = RECIPE.run, RECIPE.main  # the entry points (tests call run(argv))
 
 
 if __name__ == "__main__":

@@ -103,14 +103,7 @@ class Pub11(kit.Head):
 
 RECIPE = kit.Recipe("rs5m", __doc__ or "", [Pub11(), Rs3(), LocalFolder()], "out/rs5m")
 
-
-def run(argv: list[str] | None = None) -> Any:
-    """Build as ``argv`` says (``--help`` lists the flags); the merged stats document."""
-    return kit.run(RECIPE, argv)
-
-
-def main() -> None:
-    kit.main(RECIPE)
+run, main = RECIPE.run, RECIPE.main  # the entry points (tests call run(argv))
 
 
 if __name__ == "__main__":

@@ -136,13 +136,7 @@ class SkyScriptHead(kit.Head):
 
 RECIPE = kit.Recipe("skyscript", __doc__ or "", [SkyScriptHead()], "out/skyscript")
 
-
-def run(argv: list[str] | None = None) -> Any:
-    return kit.run(RECIPE, argv)
-
-
-def main() -> None:
-    kit.main(RECIPE)
+run, main = RECIPE.run, RECIPE.main  # the entry points (tests call run(argv))
 
 
 if __name__ == "__main__":

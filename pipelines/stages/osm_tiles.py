@@ -73,20 +73,25 @@ def _geometry(record: dict[str, Any]) -> Any:
 
 
 class _Index:
-    """The catalogue side input as a :class:`RasterIndex` (built once per worker)."""
+    """The catalogue side input by path, and as a :class:`RasterIndex` when asked (each
+    built once per side-input value)."""
 
     def __init__(self) -> None:
         self._seen: int | None = None
-        self.index: RasterIndex | None = None
+        self._index: RasterIndex | None = None
         self.by_path: dict[str, RasterInfo] = {}
 
+    def paths(self, infos: list[RasterInfo]) -> dict[str, RasterInfo]:
+        if self._seen != id(infos):
+            self.by_path = {r.path: r for r in sorted(infos, key=lambda r: r.path)}
+            self._index, self._seen = None, id(infos)
+        return self.by_path
+
     def get(self, infos: list[RasterInfo]) -> RasterIndex:
-        if self.index is None or self._seen != id(infos):
-            ordered = sorted(infos, key=lambda r: r.path)
-            self.index = RasterIndex(ordered)
-            self.by_path = {r.path: r for r in ordered}
-            self._seen = id(infos)
-        return self.index
+        by_path = self.paths(infos)
+        if self._index is None:
+            self._index = RasterIndex(list(by_path.values()))
+        return self._index
 
 
 class _Assign(beam.DoFn):
@@ -177,8 +182,7 @@ class _Cut(beam.DoFn):
         focus = sorted(groups.get(MAIN) or [], key=lambda r: r["key"])
         if not focus:
             return
-        self._index.get(infos)
-        raster = self._index.by_path[path]
+        raster = self._index.paths(infos)[path]
         context = _Context(raster, groups.get(CONTEXT) or []) if self.cfg.overlay else None
         try:
             with warnings.catch_warnings():
