@@ -10,6 +10,8 @@ RUNNER ?= DirectRunner
 OUTPUT ?= out/rs5m
 DEMO   ?= data/demo
 DEMO_PORT ?= 8707
+# sizes of the demo world, e.g. DEMO_ARGS='--n-remoteclip 400' (python -m pipelines.demo build --help)
+DEMO_ARGS ?=
 # INPUT: build-rs5m: a glob of LAION-style parquet files; build-local: a captioned folder;
 # build-remoteclip: comma-separated name=format:root datasets;
 # empty = the bundled demo world (served on loopback)
@@ -53,11 +55,11 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m pipelines.demo build --out $(DEMO) --port $(DEMO_PORT)
+	$(PY) -m pipelines.demo build --out $(DEMO) --port $(DEMO_PORT) $(DEMO_ARGS)
 
 build-rs5m: $(STAMP)
 ifeq ($(strip $(INPUT)),)
-	$(PY) -m pipelines.demo build --out $(DEMO) --port $(DEMO_PORT) --if-missing
+	$(PY) -m pipelines.demo build --out $(DEMO) --port $(DEMO_PORT) $(DEMO_ARGS) --if-missing
 	$(PY) -m pipelines.demo run --out $(DEMO) --port $(DEMO_PORT) --recipe rs5m -- \
 	  --runner $(RUNNER) --output $(OUTPUT) $(ARGS)
 else
@@ -67,7 +69,7 @@ endif
 build-local: OUTPUT = out/local
 build-local: $(STAMP)
 ifeq ($(strip $(INPUT)),)
-	$(PY) -m pipelines.demo build --out $(DEMO) --port $(DEMO_PORT) --if-missing
+	$(PY) -m pipelines.demo build --out $(DEMO) --port $(DEMO_PORT) $(DEMO_ARGS) --if-missing
 	$(PY) -m pipelines.demo run --out $(DEMO) --port $(DEMO_PORT) --recipe local -- \
 	  --runner $(RUNNER) --output $(OUTPUT) $(ARGS)
 else
@@ -77,7 +79,7 @@ endif
 build-remoteclip: OUTPUT = out/remoteclip
 build-remoteclip: $(STAMP)
 ifeq ($(strip $(INPUT)),)
-	$(PY) -m pipelines.demo build --out $(DEMO) --port $(DEMO_PORT) --if-missing
+	$(PY) -m pipelines.demo build --out $(DEMO) --port $(DEMO_PORT) $(DEMO_ARGS) --if-missing
 	$(PY) -m pipelines.demo run --out $(DEMO) --port $(DEMO_PORT) --recipe remoteclip -- \
 	  --runner $(RUNNER) --output $(OUTPUT) $(ARGS)
 else
@@ -91,7 +93,7 @@ IMAGERY ?=
 build-skyscript: OUTPUT = out/skyscript
 build-skyscript: $(STAMP)
 ifeq ($(strip $(OSM)),)
-	$(PY) -m pipelines.demo build --out $(DEMO) --port $(DEMO_PORT) --if-missing
+	$(PY) -m pipelines.demo build --out $(DEMO) --port $(DEMO_PORT) $(DEMO_ARGS) --if-missing
 	$(PY) -m pipelines.demo run --out $(DEMO) --port $(DEMO_PORT) --recipe skyscript -- \
 	  --runner $(RUNNER) --output $(OUTPUT) $(ARGS)
 else
@@ -105,7 +107,7 @@ ANNOTATIONS ?=
 remotecount: OUTPUT = out/remotecount
 remotecount: $(STAMP)
 ifeq ($(strip $(ANNOTATIONS)),)
-	$(PY) -m pipelines.demo build --out $(DEMO) --port $(DEMO_PORT) --if-missing
+	$(PY) -m pipelines.demo build --out $(DEMO) --port $(DEMO_PORT) $(DEMO_ARGS) --if-missing
 	$(PY) -m pipelines.remotecount --annotations "$$(cat $(DEMO)/remoteclip/heldout.txt)" \
 	  --out $(OUTPUT) $(ARGS)
 else
@@ -157,7 +159,7 @@ perf-caption: $(STAMP)
 
 # OSM read, catalogue, assign and cut rates on the demo world's SkyScript place
 perf-skyscript: $(STAMP)
-	$(PY) -m pipelines.demo build --out $(DEMO) --port $(DEMO_PORT) --if-missing
+	$(PY) -m pipelines.demo build --out $(DEMO) --port $(DEMO_PORT) $(DEMO_ARGS) --if-missing
 	$(PY) -m pipelines.perf.skyscript --osm '$(DEMO)/skyscript/osm/*' \
 	  --imagery '$(DEMO)/skyscript/imagery/*/*.tif' $(ARGS)
 

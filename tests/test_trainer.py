@@ -34,10 +34,11 @@ def _jpeg(colour: tuple[int, int, int], seed: int) -> bytes:
 
 
 def write_shards(root: Path, layout: dict[str, list[int]], corrupt: bool = True,
-                 long_caption: bool = True) -> Path:
+                 long_caption: bool = True, counted: bool = False) -> Path:
     """A build folder as the sink writes one: ``root/shards/{subset}-{i:05d}.tar`` with
     ``layout[subset][i]`` samples each (three captions per sample in ``{key}.json``), sizes.json
-    and a stats.json (its presence says the build completed)."""
+    and a stats.json (its presence says the build completed). ``counted``: every other primary
+    caption states a count ("a satellite image of 3 red fields")."""
     import webdataset as wds
 
     import schemas
@@ -55,6 +56,9 @@ def write_shards(root: Path, layout: dict[str, list[int]], corrupt: bool = True,
                     key = f"{subset}{i:03d}{j:04d}aa{n:06d}"
                     img = _jpeg(COLOURS[cname], n)
                     text = f"a satellite image of a {cname} field"
+                    if counted and n % 2 == 0:
+                        k = 1 + (n // 2) % 10
+                        text = f"a satellite image of {k} {cname} field{'s' if k > 1 else ''}"
                     if corrupt and i == 0 and j == 1 and subset == next(iter(layout)):
                         img = b"\xff\xd8\xff not a jpeg"
                     if long_caption and i == 0 and j == 2 and subset == next(iter(layout)):
@@ -90,7 +94,7 @@ def _tokenizer():
 
 
 def _stream(corpus, rank=0, world=1, batch=4, seed=0, start=None, mix=None, log_keys=True,
-            caption_choice="first"):
+            caption_choice="first", counterfactuals=0):
     from pipelines.models.open_clip_loader import register_configs
     from trainer.augment import RSAugment
     from trainer.data import ShardBatches, StreamConfig, expand_urls
@@ -99,7 +103,7 @@ def _stream(corpus, rank=0, world=1, batch=4, seed=0, start=None, mix=None, log_
     cfg = StreamConfig(urls=expand_urls(str(corpus)), batch_size=batch, seed=seed, rank=rank,
                        world_size=world, mix=mix, shuffle_buffer=16,
                        start_positions=start or {}, log_keys=log_keys,
-                       caption_choice=caption_choice)
+                       caption_choice=caption_choice, counterfactuals=counterfactuals)
     aug = RSAugment(32, [0.5] * 3, [0.25] * 3)
     return iter(ShardBatches(cfg, aug, _tokenizer()))
 
@@ -204,6 +208,47 @@ def test_random_caption_choice_uses_every_caption_and_resumes_exactly(corpus):
     assert all(torch.equal(x["text"], y["text"]) for x, y in zip(rest, first[5:], strict=True))
     plain = _stream(corpus, seed=3)
     assert any(not torch.equal(x["text"], next(plain)["text"]) for x in first)
+
+
+def test_counterfactual_twins_batched_with_their_captions(tmp_path):
+    """With counterfactuals on, each caption stating a count has K twins that differ in the
+    count (and its noun's number) only, each count another; others are masked out; the twins
+    are deterministic."""
+    import re
+
+    counted = write_shards(tmp_path / "counted", {"pub11": [24]}, corrupt=False,
+                           long_caption=False, counted=True)
+    tok = _tokenizer()
+    batches = [b for _, b in zip(range(4), _stream(counted, batch=6, counterfactuals=3),
+                                 strict=False)]
+    again = [b for _, b in zip(range(4), _stream(counted, batch=6, counterfactuals=3),
+                               strict=False)]
+    n_twins = 0
+    for b, b2 in zip(batches, again, strict=True):
+        assert torch.equal(b["cf_text"], b2["cf_text"]) and torch.equal(b["cf_mask"], b2["cf_mask"])
+        for text, cf, has in zip(b["text"], b["cf_text"], b["cf_mask"], strict=True):
+            def words(tokens):  # the BPE splits digits: "1 0" is 10
+                c = tok.decode(tokens.tolist()).replace("<start_of_text>", "").split("<end_of")[0]
+                return re.sub(r"(\d) (?=\d)", r"\1", c)
+
+            caption = words(text)
+            if not has:
+                assert not re.search(r"\d", caption) and not cf.any()
+                continue
+            n_twins += 1
+            assert cf.shape[0] == 3
+            k = int(re.search(r"of (\d+) ", caption).group(1))
+            new = set()
+            for twin in map(words, cf):
+                k2 = int(re.search(r"of (\d+) ", twin).group(1))
+                assert k != k2 and 1 <= k2 <= 10
+                norm = (lambda c: re.sub(r"of \d+ (\w+?) fields?", r"of N \1 field", c))
+                assert norm(caption) == norm(twin)
+                assert twin.strip().endswith("field" if k2 == 1 else "fields")
+                new.add(k2)
+            assert len(new) == 3
+    assert n_twins >= 8
+    assert "cf_text" not in next(_stream(counted, batch=6))
 
 
 def test_mix_weights_select_subsets(corpus):

@@ -209,3 +209,20 @@ def test_torchrun_two_ranks_on_cpu(tmp_path, tiny_model_dir):
     m, _, _ = load_open_clip(ck["model"], str(out / "checkpoints" / "latest.pt"))
     assert all(torch.isfinite(e).all() for e in _embed(m))
     assert [r["step"] for r in _metrics(out)] == [1, 2, 3]
+
+
+def test_count_loss_run_logs_the_counting_loss(tiny_model_dir, tmp_path):
+    counted = write_shards(tmp_path / "counted", {"pub11": [24]}, corrupt=False,
+                           long_caption=False, counted=True)
+    out = tmp_path / "count"
+    summary, _ = _train(counted, tiny_model_dir, out, "--steps", "2", "--count-loss", "1",
+                        "--count-negatives", "9")
+    rows = _metrics(out)
+    assert summary["count_loss"] == 1.0 and summary["count_negatives"] == 9 and len(rows) == 2
+    # half the captions state a count: every batch of 8 has twins, so the loss is logged;
+    # ten candidates, near chance at the start: about log 10
+    assert all(1.0 < r["count_loss"] < 5 and r["loss"] > r["count_loss"] for r in rows)
+    with pytest.raises(SystemExit):
+        _train(counted, tiny_model_dir, tmp_path / "bad", "--steps", "1", "--count-loss", "-1")
+    with pytest.raises(SystemExit):
+        _train(counted, tiny_model_dir, tmp_path / "bad", "--steps", "1", "--count-negatives", "0")

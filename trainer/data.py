@@ -42,6 +42,11 @@ use every caption. A sample's visit count is how many times its worker has drawn
 and a resumed run, which replays the stream up to where it stopped, draws the same captions.
 ``"first"`` (the default) trains on ``{key}.txt``.
 
+**Counterfactual counts** (``counterfactuals=K``, the trainer's ``--count-loss``): each
+caption that states a count of 1..10 objects also yields ``K`` twins with other counts
+(``trainer/counts.py``; the count and the new values drawn from ``(seed, stream, position)``),
+batched as ``cf_text`` ``[B, K, context]`` with ``cf_mask`` marking the rows that have them.
+
 **Build folders.** A build output folder (``shards/`` beside ``stats.json``) is read only when
 its ``stats.json`` exists and has our schema's major version: a build that failed or was
 killed leaves no ``stats.json``, and its shards may not match its sizes.
@@ -62,6 +67,7 @@ import torch
 from PIL import Image
 
 from pipelines.image_guard import open_rgb
+from trainer.counts import counterfactuals
 
 log = logging.getLogger(__name__)
 
@@ -207,6 +213,8 @@ class StreamConfig:
     # (w + consumed) mod workers, so the round-robin continues where the interrupted run was
     batches_consumed: int = 0
     log_keys: bool = False
+    #: also batch this many counterfactual-count twins of each caption that states a count
+    counterfactuals: int = 0
 
 
 @dataclass
@@ -383,7 +391,9 @@ class ShardBatches(torch.utils.data.IterableDataset):
                                 random.Random(f"{cfg.seed}/{g}/shuffle"))
         start = int(cfg.start_positions.get(w, 0))
         _ERRORS["count"] = 0
-        images, texts, keys = [], [], []
+        images, texts, keys, cfs = [], [], [], []
+        k = int(cfg.counterfactuals)
+        no_cf = torch.zeros(k, self.tok.context_length, dtype=torch.long)
         n_over = n_caps = 0
         for pos, sample in enumerate(stream):
             if pos < start:  # resume: fast-forward without decoding
@@ -392,16 +402,20 @@ class ShardBatches(torch.utils.data.IterableDataset):
                 img, text = _decode(sample, cfg.caption_choice, cfg.seed)
                 x = self.augment(img, random.Random(f"{cfg.seed}/{g}/aug/{pos}"))
                 tokens, n_tok = self.tok(text)
+                cf = (counterfactuals(text, random.Random(f"{cfg.seed}/{g}/cf/{pos}"), k)
+                      if k else [])
+                cf_tokens = torch.stack([self.tok(c)[0] for c in cf]) if cf else None
             except Exception as exn:  # noqa: BLE001 - corrupt data must not kill a run
                 warn_and_count(exn)
                 continue
             images.append(x)
             texts.append(tokens)
             keys.append(sample["__key__"])
+            cfs.append(cf_tokens)
             n_caps += 1
             n_over += int(n_tok > self.tok.context_length)
             if len(images) == cfg.batch_size:
-                yield {
+                batch = {
                     "image": torch.stack(images),
                     "text": torch.stack(texts),
                     "keys": keys if cfg.log_keys else [],
@@ -411,7 +425,11 @@ class ShardBatches(torch.utils.data.IterableDataset):
                     "n_over_context": n_over,
                     "n_captions": n_caps,
                 }
-                images, texts, keys = [], [], []
+                if k:
+                    batch["cf_text"] = torch.stack([no_cf if c is None else c for c in cfs])
+                    batch["cf_mask"] = torch.tensor([c is not None for c in cfs])
+                yield batch
+                images, texts, keys, cfs = [], [], [], []
                 n_over = n_caps = 0
 
 

@@ -5,6 +5,14 @@ the other ranks' features *with* gradient (``gather_with_grad``) and computes th
 its own rows against all columns (``local_loss``): the same gradient as the global loss at
 1/world of the memory. ``siglip``: sigmoid loss with learnable scale and bias; across ranks
 open_clip exchanges text features with neighbours.
+
+``count_loss`` (``--count-loss W``, added to either): the counting-contrastive loss of Paiss et
+al., "Teaching CLIP to Count to Ten" (ICCV 2023). An image whose caption states a count is
+scored against its caption and ``K`` counterfactual twins with other counts
+(``trainer/counts.py``; ``--count-negatives K``, 1 in the paper):
+``-log softmax([s(i, t), s(i, t'_1), …, s(i, t'_K)])[0]`` with the model's temperature.
+In a contrastive batch the other captions differ in scene as well as count, so the count token
+is the one thing the text encoder may ignore; the twin differs in nothing else.
 """
 
 from __future__ import annotations
@@ -34,6 +42,38 @@ def contrastive_loss(loss_fn: torch.nn.Module, out: dict) -> torch.Tensor:
         kw["logit_bias"] = out["logit_bias"]
     losses = loss_fn(**kw, output_dict=True)
     return sum(losses.values())
+
+
+def count_loss(image_features: torch.Tensor, text_features: torch.Tensor,
+               cf_features: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+    """Mean over rows of ``-log softmax([s(i,t), s(i,t'_1..K)])[0]``: row ``r`` is one image
+    ``[D]``, its caption ``[D]`` and the caption's counterfactual twins ``[K, D]`` (or ``[D]``
+    for one; normalised features)."""
+    if cf_features.dim() == image_features.dim():
+        cf_features = cf_features.unsqueeze(1)
+    s_true = (image_features * text_features).sum(-1, keepdim=True)
+    s_cf = torch.einsum("nd,nkd->nk", image_features, cf_features)
+    logits = logit_scale * torch.cat([s_true, s_cf], dim=1)
+    target = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
+    return torch.nn.functional.cross_entropy(logits, target)
+
+
+def forward_counting(fwd: torch.nn.Module, image: torch.Tensor, text: torch.Tensor,
+                     cf_text: torch.Tensor | None, cf_mask: torch.Tensor | None
+                     ) -> tuple[dict, torch.Tensor | None]:
+    """``fwd(image, text)`` as an output dict, and the count loss of the rows ``cf_mask``
+    marks (None when there are none); ``cf_text`` is ``[B, K, context]``. The twins ride in the
+    same text batch: one forward, so DistributedDataParallel sees one graph."""
+    if cf_text is None or cf_mask is None or not bool(cf_mask.any()):
+        return fwd(image, text), None
+    n = text.shape[0]
+    twins = cf_text[cf_mask]  # [M, K, context]
+    out = dict(fwd(image, torch.cat([text, twins.reshape(-1, twins.shape[-1])])))
+    tf = out["text_features"]
+    out["text_features"] = tf[:n]
+    loss = count_loss(out["image_features"][cf_mask], tf[:n][cf_mask],
+                      tf[n:].reshape(twins.shape[0], twins.shape[1], -1), out["logit_scale"])
+    return out, loss
 
 
 @torch.no_grad()

@@ -38,7 +38,7 @@ import torch.distributed as dist
 from . import checkpoint as ckpt_mod
 from .augment import RSAugment
 from .data import DataState, StreamConfig, dataset_size, expand_urls, make_loader, parse_mix
-from .loss import LOSSES, build_loss, clamp_logit_scale, contrastive_loss
+from .loss import LOSSES, build_loss, clamp_logit_scale, contrastive_loss, forward_counting
 from .model import PEFT_KINDS, build_model, count_parameters, plain_state_dict
 from .optim import build_optimizer, cosine_lr, set_lr
 
@@ -76,6 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
     add("--model", default=DEFAULT_MODEL, help="arch name or local open_clip dir / local-dir:DIR")
     add("--pretrained", default=None, help="local checkpoint file (else dir weights / random)")
     add("--loss", default="clip", choices=LOSSES)
+    add("--count-loss", type=float, default=0.0,
+        help="weight of the counting loss (Paiss et al. 2023): captions stating a count of "
+             "1..10 also train against twins with other counts (0: off)")
+    add("--count-negatives", type=int, default=1,
+        help="counterfactual twins per counting caption, 1..9 (1: Paiss et al.; 9: every "
+             "other count of 1..10)")
     add("--peft", default="none", choices=PEFT_KINDS)
     add("--lora-r", type=int, default=8)
     add("--lora-alpha", type=float, default=16.0)
@@ -219,7 +225,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 def run(argv: Sequence[str] | None = None) -> tuple[dict[str, Any], Any]:
     """Train; return (summary, the trainer's ``BuiltModel``) — tests compare embeddings with it."""
-    args = build_parser().parse_args(argv)
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    if args.count_loss < 0:
+        ap.error("--count-loss must be >= 0")
+    if not 1 <= args.count_negatives <= 9:
+        ap.error("--count-negatives must be in 1..9")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     saved = (torch.are_deterministic_algorithms_enabled(), torch.get_num_threads())
     try:
@@ -320,7 +331,7 @@ def _run(args: argparse.Namespace) -> tuple[dict[str, Any], Any]:
                           world_size=world, mix=parse_mix(args.mix),
                           shuffle_buffer=args.shuffle_buffer, start_positions=start_positions,
                           batches_consumed=step * args.accum_freq if start_positions else 0,
-                          log_keys=args.log_keys)
+                          log_keys=args.log_keys, counterfactuals=args.count_negatives if args.count_loss > 0 else 0)
     loader = make_loader(stream, augment, built.tokenizer, args.workers)
     log.info("data: %d shards (%s samples), world %d × batch %d × accum %d = %d samples/step; "
              "%d steps; %d/%d parameters trainable", len(urls), n_data, world, args.batch_size,
@@ -383,10 +394,18 @@ def _run(args: argparse.Namespace) -> tuple[dict[str, Any], Any]:
                 keys_file.write("".join(f"{step + 1}\t{k}\n" for k in b["keys"]))
         imgs = [b["image"].to(device, non_blocking=True) for b in batches]
         txts = [b["text"].to(device, non_blocking=True) for b in batches]
+        cf_txts = [b["cf_text"].to(device, non_blocking=True) if "cf_text" in b else None
+                   for b in batches]
+        cf_masks = [b["cf_mask"].to(device) if "cf_mask" in b else None for b in batches]
+        cnt_val = 0.0
         opt.zero_grad(set_to_none=True)
         if args.accum_freq == 1:
             with autocast_ctx(args.precision, device):
-                loss = contrastive_loss(loss_fn, fwd(imgs[0], txts[0]))
+                out, cnt = forward_counting(fwd, imgs[0], txts[0], cf_txts[0], cf_masks[0])
+                loss = contrastive_loss(loss_fn, out)
+                if cnt is not None:
+                    cnt_val = float(cnt.detach())
+                    loss = loss + args.count_loss * cnt
             scaler.scale(loss).backward()
         else:
             # open_clip's accumulation: cache every micro-batch's features without grad, then
@@ -397,7 +416,7 @@ def _run(args: argparse.Namespace) -> tuple[dict[str, Any], Any]:
                 sync = (ddp.no_sync() if ddp is not None and j < args.accum_freq - 1
                         else contextlib.nullcontext())
                 with sync, autocast_ctx(args.precision, device):
-                    out = fwd(imgs[j], txts[j])
+                    out, cnt = forward_counting(fwd, imgs[j], txts[j], cf_txts[j], cf_masks[j])
                     feats = {
                         k: torch.cat([out[k] if i == j else c[k] for i, c in enumerate(cached)])
                         for k in ("image_features", "text_features")
@@ -405,6 +424,9 @@ def _run(args: argparse.Namespace) -> tuple[dict[str, Any], Any]:
                     feats["logit_scale"] = out["logit_scale"]
                     feats["logit_bias"] = out.get("logit_bias")
                     loss = contrastive_loss(loss_fn, feats)
+                    if cnt is not None:  # this micro-batch's share of the mean
+                        cnt_val += float(cnt.detach()) / args.accum_freq
+                        loss = loss + args.count_loss * cnt / args.accum_freq
                 scaler.scale(loss).backward()
         if args.grad_clip_norm and args.grad_clip_norm > 0:
             scaler.unscale_(opt)
@@ -420,8 +442,8 @@ def _run(args: argparse.Namespace) -> tuple[dict[str, Any], Any]:
             pbar.update(1)
         if step == 1 or step % args.log_every == 0 or step == stop_at:
             sums = all_reduce_sum(
-                [loss_val, data_state.n_errors, data_state.n_over_context, data_state.n_captions],
-                world, device)
+                [loss_val, data_state.n_errors, data_state.n_over_context, data_state.n_captions,
+                 cnt_val], world, device)
             now = time.time()
             sps = (step - step_last) * per_step / max(1e-9, now - t_last)
             t_last, step_last = now, step
@@ -433,6 +455,8 @@ def _run(args: argparse.Namespace) -> tuple[dict[str, Any], Any]:
                 "captions_over_context": int(sums[2]), "captions": int(sums[3]),
                 "wall_s": now - t0,
             }
+            if args.count_loss > 0:
+                row["count_loss"] = sums[4] / world
             if first_loss is None:
                 first_loss = row["loss"]
             last_loss = row["loss"]
@@ -460,6 +484,7 @@ def _run(args: argparse.Namespace) -> tuple[dict[str, Any], Any]:
         "captions_over_context": int(sums[1]), "captions": int(sums[2]),
         "context_length": int(built.model_cfg.get("text_cfg", {}).get("context_length", 77)),
         "trainable_parameters": trainable, "parameters": total, "peft": args.peft,
+        "count_loss": args.count_loss, "count_negatives": args.count_negatives,
         "checkpoint": os.path.join(ckpt_dir, "latest.pt"),
     }
     if rank == 0:

@@ -14,10 +14,11 @@ embeddings. Where no scores tie — every real model with float embeddings — t
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Sequence
 
 import numpy as np
+
+from trainer import counts
 
 # ----------------------------------------------------------------------------- ranking
 
@@ -210,33 +211,19 @@ def fewshot(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y
 
 # ----------------------------------------------------------------------------- counting
 
-NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine",
-                "ten")
 COUNT_CANDIDATES = tuple(range(1, 11))
 
 
 def swap_count(caption: str, true: int, new: int) -> str:
     """``caption`` with its count (``true``, as digits or an English word) replaced by
-    ``new`` in digits. The noun right after the number follows the new number: "1 cars" is
-    never produced (``-s`` dropped for one, added for more than one when the true count was one),
-    so grammar gives no candidate away. Raises ValueError if the count is not in the caption."""
-    pats = [rf"\b{true}\b"] + ([rf"\b{NUMBER_WORDS[true]}\b"] if true < len(NUMBER_WORDS) else [])
-    for pat in pats:
-        m = re.search(pat, caption, flags=re.IGNORECASE)
-        if m:
-            break
-    else:
+    ``new`` in digits. The counted phrase's head noun follows the new number ("1 storage tank",
+    "2 storage tanks"; never "1 cars" or "2 storages tank"), and so does an ``is``/``are`` next
+    to it, so grammar gives no candidate away (``trainer/counts.py``). Raises ValueError if the
+    count is not in the caption."""
+    found = [c for c in counts.find_counts(caption, true, true) if c.value == true]
+    if not found:
         raise ValueError(f"count {true} not found in caption {caption!r}")
-    head, tail = caption[:m.start()], caption[m.end():]
-    w = re.match(r"(\s+)([A-Za-z]+)", tail)
-    if w:
-        noun = w.group(2)
-        if new == 1 and true != 1 and noun.endswith("s") and not noun.endswith("ss"):
-            noun = noun[:-1]
-        elif new != 1 and true == 1 and not noun.endswith("s"):
-            noun = noun + "s"
-        tail = w.group(1) + noun + tail[w.end():]
-    return f"{head}{new}{tail}"
+    return counts.swap(caption, found[0], new, digits=True)
 
 
 def counting_captions(caption: str, true: int,
