@@ -22,7 +22,7 @@ Real weights, e.g. in the PUB11 recipe::
 
 With real CLIP weights the semantic-dedup and decontamination cosines default to 0.95
 (``--semdedup_eps 0.05``, ``--decontam_cosine 0.95``); the demo's random-weight tiny model needs
-0.9998 because it puts distinct images at cosine 0.999+.
+0.9998 and 0.99995 because it puts distinct images at cosine 0.999+.
 """
 
 from __future__ import annotations
