@@ -30,6 +30,7 @@ NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "
                 "ten")
 COUNT_RANGE = (1, 10)
 
+
 def _wordset(text: str) -> frozenset[str]:
     return frozenset(text.split())
 
