@@ -1,6 +1,7 @@
-"""What the worker-pool and retry tests share: the smallest demo world the ``local`` recipe
-builds, a build of it, and a byte-for-byte comparison of two builds (manifests aside, which
-name the runner and the output folder)."""
+"""What the worker-pool, retry and Dataflow-graph tests share: the smallest demo world the
+``local`` recipe builds, a build of it, a byte-for-byte comparison of two builds (manifests
+aside, which name the runner and the output folder), and the split of a pipeline's transforms
+by the ``--accelerator`` hint."""
 
 from __future__ import annotations
 
@@ -58,3 +59,22 @@ def assert_same_build(a: Path, b: Path) -> None:
                 manifest_content(json.loads(fb[name])), name
         else:
             assert fa[name] == fb[name], name
+
+
+def accelerator_split(proto, accelerator: str) -> tuple[set[str], set[str]]:
+    """(hinted, plain): the unique names of ``proto``'s transforms that run in an environment
+    with the accelerator resource hint (checked to equal ``accelerator``), and of the others."""
+    from apache_beam.transforms.resources import AcceleratorHint
+
+    envs = proto.components.environments
+    hinted, plain = set(), set()
+    for t in proto.components.transforms.values():
+        if not t.environment_id:
+            continue
+        hints = envs[t.environment_id].resource_hints
+        if AcceleratorHint.urn in hints:
+            assert hints[AcceleratorHint.urn] == accelerator.encode()
+            hinted.add(t.unique_name)
+        else:
+            plain.add(t.unique_name)
+    return hinted, plain

@@ -301,21 +301,11 @@ def _check_accelerator_on_model_stages(proto, models: set[str]) -> None:
     """The ``--accelerator`` hint on exactly the model stages (kit.MODEL_STAGES): every
     hinted transform lies inside one, each model stage's RunInference carries it, and no
     other transform does."""
-    from apache_beam.transforms.resources import AcceleratorHint
+    from local_builds import accelerator_split
 
     from pipelines.recipes import kit
 
-    envs = proto.components.environments
-    hinted, plain = set(), set()
-    for t in proto.components.transforms.values():
-        if not t.environment_id:
-            continue
-        hints = envs[t.environment_id].resource_hints
-        if AcceleratorHint.urn in hints:
-            assert hints[AcceleratorHint.urn] == ACCELERATOR.encode()
-            hinted.add(t.unique_name)
-        else:
-            plain.add(t.unique_name)
+    hinted, plain = accelerator_split(proto, ACCELERATOR)
 
     def stage_of(name: str) -> str | None:
         return next((m for m in kit.MODEL_STAGES

@@ -441,7 +441,7 @@ def test_accelerator_hint_sits_on_the_model_stages_only(world):
     transforms inside Caption, RotationPick, RSFilter and the tail's Embed carry the hint."""
     import apache_beam as beam
     from apache_beam.options.pipeline_options import PipelineOptions
-    from apache_beam.transforms.resources import AcceleratorHint
+    from local_builds import accelerator_split
 
     from pipelines.recipes import kit
 
@@ -453,15 +453,7 @@ def test_accelerator_hint_sits_on_the_model_stages_only(world):
     p = beam.Pipeline(options=PipelineOptions(beam_args))
     kit.compose(p, rs5m.RECIPE, kit.resolve(rs5m.RECIPE, cfg), cfg, "DataflowRunner")
     proto = p.to_runner_api()
-    envs = proto.components.environments
-    hinted, plain = set(), set()
-    for t in proto.components.transforms.values():
-        if not t.environment_id:
-            continue
-        hints = envs[t.environment_id].resource_hints
-        (hinted if AcceleratorHint.urn in hints else plain).add(t.unique_name)
-        if AcceleratorHint.urn in hints:
-            assert hints[AcceleratorHint.urn] == acc.encode()
+    hinted, plain = accelerator_split(proto, acc)
     models = ("Caption[rs3]", "RotationPick[rs3]", "RSFilter[pub11]", "Tail/Embed[tail]")
     for name in hinted:
         assert any(m in name for m in models), name

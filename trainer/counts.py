@@ -170,9 +170,3 @@ def counterfactuals(text: str, rng: random.Random, k: int = 1, lo: int = COUNT_R
     others = [v for v in range(lo, hi + 1) if v != c.value]
     return [swap(text, c, new) for new in rng.sample(others, min(k, len(others)))]
 
-
-def counterfactual(text: str, rng: random.Random, lo: int = COUNT_RANGE[0],
-                   hi: int = COUNT_RANGE[1]) -> str | None:
-    """One twin (:func:`counterfactuals` with ``k=1``), or None when ``text`` states no count."""
-    twins = counterfactuals(text, rng, 1, lo, hi)
-    return twins[0] if twins else None

@@ -220,7 +220,7 @@ def swap_count(caption: str, true: int, new: int) -> str:
     "2 storage tanks"; never "1 cars" or "2 storages tank"), and so does an ``is``/``are`` next
     to it, so grammar gives no candidate away (``trainer/counts.py``). Raises ValueError if the
     count is not in the caption."""
-    found = [c for c in counts.find_counts(caption, true, true) if c.value == true]
+    found = counts.find_counts(caption, true, true)
     if not found:
         raise ValueError(f"count {true} not found in caption {caption!r}")
     return counts.swap(caption, found[0], new, digits=True)
