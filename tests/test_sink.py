@@ -19,6 +19,8 @@ from pipelines.sinks.shards import (
     build_stats,
     clear_previous,
     num_files,
+    shard_bytes,
+    spills,
 )
 
 
@@ -103,6 +105,66 @@ def test_same_rows_in_any_order_give_identical_bytes(tmp_path):
         assert _read(fa) == _read(fb), fa
 
 
+def test_a_local_build_spills_pictures_and_leaves_no_spill(tmp_path, monkeypatch):
+    """A local build passes picture references through the shard GroupByKey (each picture is
+    written to a spill file once, read back once by its shard writer); its shards are the
+    bytes of the same rows tarred from memory, and the spill folder is gone afterwards."""
+    from pipelines.sinks import shards
+
+    reads = []
+    real = shards._SpillReader.__call__
+
+    def counting(self, row):
+        reads.append(shards.SPILL_REF in row)
+        return real(self, row)
+
+    monkeypatch.setattr(shards._SpillReader, "__call__", counting)
+    rows = [kept(i) for i in range(9)]
+    build(tmp_path, rows, per_shard=100)  # one shard: compare it with the rows tarred directly
+    assert reads == [True] * 9
+    expected, _ = shard_bytes([dict(r, shard="pub11-00000.tar") for r in rows])
+    assert _read(tmp_path / "shards" / "pub11-00000.tar") == expected
+    assert not (tmp_path / "_spill").exists()
+    assert spills(str(tmp_path)) and spills("out/rs5m")
+    assert not spills("gs://bucket/rs5m") and not spills("s3://bucket/rs5m")
+
+
+@pytest.mark.parametrize("names", [
+    ["0123456789abcdef0123.jpg", "0123456789abcdef0123.txt", "0123456789abcdef0123.json"],
+    ["a" * 99, "b" * 100, "d" * 60 + "/" + "c" * 60, "é-non-ascii.txt", "x.jpg"],
+])
+def test_the_tar_writer_writes_what_tarfile_writes(names):
+    """The sink's own USTAR writer (three members a sample, without tarfile's per-field
+    machinery) gives tarfile's bytes, empty, short and block-sized members alike."""
+    import random
+    import tarfile
+
+    from pipelines.sinks.shards import _tar_info, _TarWriter
+
+    rng = random.Random(len(names))
+    members = [(n, rng.randbytes(size)) for n, size in zip(names, [0, 1, 511, 512, 1025])]
+    expected = io.BytesIO()
+    with tarfile.open(fileobj=expected, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for name, data in members:
+            tar.addfile(_tar_info(name, len(data)), io.BytesIO(data))
+    ours = io.BytesIO()
+    writer = _TarWriter(ours)
+    for name, data in members:
+        writer.add(name, data)
+    writer.close()
+    assert ours.getvalue() == expected.getvalue()
+    with tarfile.open(fileobj=io.BytesIO(ours.getvalue())) as tar:
+        assert [(m.name, tar.extractfile(m).read()) for m in tar.getmembers()] == members
+
+
+def test_clear_previous_removes_a_killed_builds_spill(tmp_path):
+    dead = tmp_path / "_spill" / "pub11"
+    dead.mkdir(parents=True)
+    (dead / "0123.bin").write_bytes(b"x" * 10)
+    clear_previous(str(tmp_path), ["pub11"])
+    assert not (tmp_path / "_spill").exists()
+
+
 def test_broken_accounting_fails_the_job(tmp_path):
     rows = [kept(i) for i in range(3)]
     with pytest.raises(Exception, match="accounting invariant broken"):
@@ -120,20 +182,20 @@ def test_shards_must_hold_what_was_kept(tmp_path):
     """A runner that loses elements inside the shard GroupByKey must fail the build."""
     ws = WriteSubset(str(tmp_path), "rs5m", "pub11", {})
     with pytest.raises(AccountingError, match="shards hold 1 samples but 2 were kept"):
-        ws._finish(None, inputs=[("laion", 2)], kept=[("laion", 2)], rejected=[], dups=[],
-                   shards=[("pub11-00000.tar", 1, 0)], files=[])
+        ws._finish({"inputs": {"laion": 2}, "kept": {"laion": 2}, "rejected": {}, "dups": {},
+                    "shards": [("pub11-00000.tar", 1, 0)], "files": []})
     assert not (tmp_path / "subsets" / "pub11" / "stats.json").exists()
 
 
 def test_embeddings_must_hold_what_was_kept(tmp_path):
     """The subset's stats.json waits for the embeddings parts and checks their row count."""
     ws = WriteSubset(str(tmp_path), "rs5m", "pub11", {}, embeddings_dir=str(tmp_path / "e"))
-    args = {"inputs": [("laion", 2)], "kept": [("laion", 2)], "rejected": [], "dups": [],
+    args = {"inputs": {"laion": 2}, "kept": {"laion": 2}, "rejected": {}, "dups": {},
             "files": []}
     with pytest.raises(AccountingError, match="embeddings folder holds 1 rows but 2"):
-        ws._finish(None, **args, shards=[("pub11-00000.tar", 2, 1)])
+        ws._finish({**args, "shards": [("pub11-00000.tar", 2, 1)]})
     assert not (tmp_path / "subsets" / "pub11" / "stats.json").exists()
-    ws._finish(None, **args, shards=[("pub11-00000.tar", 1, 1), ("pub11-00001.tar", 1, 1)])
+    ws._finish({**args, "shards": [("pub11-00000.tar", 1, 1), ("pub11-00001.tar", 1, 1)]})
     manifest = json.loads((tmp_path / "subsets" / "pub11" / "manifest.json").read_text())
     assert manifest["embedding_parts"] == 2
     assert (tmp_path / "subsets" / "pub11" / "stats.json").exists()

@@ -21,6 +21,16 @@ carry a fixed mtime, uid/gid 0 and empty owner names, so the same input and conf
 byte-identical shards and index files on any runner. Each file is written under a temporary
 name and renamed, so no reader ever sees half a shard. A key that appears twice among the kept
 rows fails the build (webdataset cannot read a tar with two members of one name).
+
+Memory: a shard's members are only known once every kept row is (the shard count comes from
+the kept count), so the shard GroupByKey holds the whole subset. A build into a local folder
+therefore **spills** the picture bytes on the way in: each bundle appends its rows' ``_image``
+bytes to one file under ``{output}/_spill/{subset}/`` and passes on a reference (file, offset,
+length), the shard writer reads them back, and the folder is removed when the subset
+completes. The runner then buffers rows of ~1 KB instead of ~30 KB pictures. A build into a
+bucket (``gs://``, ``s3://``: a cluster) leaves the pictures in the rows: the runner's
+shuffle holds them on disk, and ranged reads of a bucket per picture would cost more. Tars
+are written straight to their (temporary) file, never whole in memory.
 """
 
 from __future__ import annotations
@@ -30,10 +40,12 @@ import itertools
 import json
 import logging
 import math
+import os
 import posixpath
+import shutil
 import tarfile
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import apache_beam as beam
@@ -66,9 +78,34 @@ def join(*parts: str) -> str:
 
 def write_atomic(path: str, data: bytes) -> None:
     """Write ``data`` to ``path`` via a temporary name + rename (any Beam filesystem)."""
+    write_atomic_stream(path, lambda f: f.write(data))
+
+
+class _Counted:
+    """A write-only stream that counts what passes through it."""
+
+    def __init__(self, f: Any) -> None:
+        self.f = f
+        self.size = 0
+
+    def write(self, data: bytes) -> int:
+        self.f.write(data)
+        self.size += len(data)
+        return len(data)
+
+
+def write_atomic_stream(path: str, write: Callable[[Any], Any]) -> int:
+    """``write(stream)`` into ``path`` via a temporary name + rename (any Beam filesystem);
+    the bytes written."""
     tmp = f"{path}.incomplete-{uuid.uuid4().hex[:8]}"
     with FileSystems.create(tmp) as f:
-        f.write(data)
+        counted = _Counted(f)
+        write(counted)
+    _replace(tmp, path)
+    return counted.size
+
+
+def _replace(tmp: str, path: str) -> None:
     try:  # a retried bundle's attempt may have written (or be removing) it concurrently
         if FileSystems.exists(path):
             FileSystems.delete([path])
@@ -97,14 +134,54 @@ def parquet_bytes(table: pa.Table) -> bytes:
     return buf.getvalue()
 
 
-def _tar_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+def _tar_info(name: str, size: int) -> tarfile.TarInfo:
     info = tarfile.TarInfo(name)
-    info.size = len(data)
+    info.size = size
     info.mtime = TAR_MTIME
     info.mode = 0o644
     info.uid = info.gid = 0
     info.uname = info.gname = ""
-    tar.addfile(info, io.BytesIO(data))
+    return info
+
+
+#: a member header's fields after the name and before the size, and from the mtime to the end
+#: (mode 0644, uid/gid 0, regular file, no link, ustar magic, empty owner names, no device,
+#: no prefix), as ``tarfile`` writes them in USTAR format
+_HEAD_MID = b"0000644\x00" + b"0000000\x00" * 2
+_HEAD_TAIL = (b"%011o\x00" % TAR_MTIME + b" " * 8 + tarfile.REGTYPE + b"\x00" * 100
+              + tarfile.POSIX_MAGIC + b"\x00" * 64 + b"\x00" * 16 + b"\x00" * 155)
+
+
+def _tar_header(name: str, size: int) -> bytes:
+    """The 512-byte USTAR header ``tarfile`` writes for a member of :func:`_tar_info`, byte
+    for byte, made without its per-field machinery (the sink writes three members a
+    sample); a name that is not short ASCII goes through ``tarfile``."""
+    raw = name.encode("ascii", "replace")
+    if len(raw) >= 100 or not name.isascii() or size >= 8**11:
+        return _tar_info(name, size).tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape")
+    head = (raw + b"\x00" * (100 - len(raw)) + _HEAD_MID + b"%011o\x00" % size + _HEAD_TAIL
+            + b"\x00" * 12)
+    # the checksum: the byte sum with its own field as spaces, as 6 octal digits, NUL, space
+    return head[:148] + b"%06o\x00" % sum(head) + head[155:]
+
+
+class _TarWriter:
+    """A USTAR stream of regular files, written as ``tarfile.open(mode="w|",
+    format=USTAR_FORMAT)`` with :func:`_tar_info` members writes it, byte for byte."""
+
+    def __init__(self, fileobj: Any) -> None:
+        self.f = fileobj
+        self.offset = 0
+
+    def add(self, name: str, data: bytes) -> None:
+        pad = -len(data) % tarfile.BLOCKSIZE
+        self.f.write(_tar_header(name, len(data)) + data + b"\x00" * pad)
+        self.offset += tarfile.BLOCKSIZE + len(data) + pad
+
+    def close(self) -> None:
+        # two zero blocks, then zeros up to a whole record, as TarFile.close writes them
+        end = self.offset + 2 * tarfile.BLOCKSIZE
+        self.f.write(b"\x00" * (2 * tarfile.BLOCKSIZE + (-end % tarfile.RECORDSIZE)))
 
 
 def sample_json(row: dict[str, Any]) -> bytes:
@@ -118,25 +195,124 @@ def sample_json(row: dict[str, Any]) -> bytes:
     return json.dumps(doc, sort_keys=True, ensure_ascii=False).encode()
 
 
-def shard_bytes(rows: list[dict[str, Any]]) -> tuple[bytes, pa.Table]:
-    """Tar and index table for ``rows`` (each with ``_image`` JPEG bytes), sorted by key."""
+def shard_rows(rows: Iterable[dict[str, Any]]) -> tuple[list[dict[str, Any]], pa.Table]:
+    """``rows`` sorted by key and their index table; a repeated key or a key with a dot
+    fails."""
     rows = sorted(rows, key=lambda r: r["key"])
     for a, b in itertools.pairwise(rows):
         if a["key"] == b["key"]:
             raise AccountingError(
                 f"key {a['key']} is kept twice ({a.get('source')}/{a.get('source_id')} and "
                 f"{b.get('source')}/{b.get('source_id')}): a source gave two records one key")
-    table = schemas.to_table([public(r) for r in rows], schemas.SAMPLE_SCHEMA)
+    for r in rows:
+        if "." in r["key"]:
+            raise ValueError(f"key {r['key']!r} has a dot; webdataset would split it")
+    return rows, schemas.to_table([public(r) for r in rows], schemas.SAMPLE_SCHEMA)
+
+
+def write_tar(fileobj: Any, rows: list[dict[str, Any]], table: pa.Table,
+              image: Callable[[dict[str, Any]], bytes] = lambda r: r["_image"]) -> None:
+    """The shard tar of ``rows`` (as :func:`shard_rows` returns them) into ``fileobj``, as a
+    stream: ``{key}.jpg`` (``image(row)``), ``{key}.txt``, ``{key}.json`` per row."""
+    tar = _TarWriter(fileobj)
+    for r, row in zip(rows, table.to_pylist(), strict=True):
+        key = r["key"]
+        tar.add(f"{key}.jpg", image(r))
+        tar.add(f"{key}.txt", r["caption"].encode())
+        tar.add(f"{key}.json", sample_json(row))
+    tar.close()
+
+
+def shard_bytes(rows: list[dict[str, Any]]) -> tuple[bytes, pa.Table]:
+    """Tar and index table for ``rows`` (each with ``_image`` JPEG bytes), sorted by key."""
+    rows, table = shard_rows(rows)
     buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-        for r, row in zip(rows, table.to_pylist(), strict=True):
-            key = r["key"]
-            if "." in key:
-                raise ValueError(f"key {key!r} has a dot; webdataset would split it")
-            _tar_member(tar, f"{key}.jpg", r["_image"])
-            _tar_member(tar, f"{key}.txt", r["caption"].encode())
-            _tar_member(tar, f"{key}.json", sample_json(row))
+    write_tar(buf, rows, table)
     return buf.getvalue(), table
+
+
+# ----------------------------------------------------------------------------- spill
+
+#: the working field of a spilled row: (spill file, offset, length) of its ``_image`` bytes
+SPILL_REF = "_image_spill"
+SPILL_FOLDER = "_spill"
+
+
+def spills(output: str) -> bool:
+    """Whether a build into ``output`` spills pictures (a local folder; see the docstring)."""
+    return "://" not in output
+
+
+def spill_dir(output: str, subset: str) -> str:
+    return join(output, SPILL_FOLDER, subset)
+
+
+class _Spill(beam.DoFn):
+    """Rows with ``_image`` → the same rows with :data:`SPILL_REF` instead; one spill file a
+    bundle (a retried bundle writes a new one; the dead attempt's is never referenced)."""
+
+    def __init__(self, folder: str):
+        self.folder = folder
+        self._file: Any = None
+
+    def start_bundle(self) -> None:
+        self._file = None
+
+    def process(self, row: dict[str, Any]):
+        if self._file is None:  # a local folder (see spills()): plain file calls
+            os.makedirs(self.folder, exist_ok=True)
+            self._path = os.path.join(self.folder, f"{uuid.uuid4().hex}.bin")
+            self._file = open(self._path, "wb")  # noqa: SIM115 — open for the whole bundle
+            self._offset = 0
+        data = row["_image"]
+        self._file.write(data)
+        out = {k: v for k, v in row.items() if k != "_image"}
+        out[SPILL_REF] = (self._path, self._offset, len(data))
+        self._offset += len(data)
+        yield out
+
+    def finish_bundle(self) -> None:
+        # rows leave the bundle when it commits, after this: every reference is readable
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+class _SpillReader:
+    """``_image`` bytes of rows, spilled or not, in any order (each spill file opened once)."""
+
+    def __init__(self) -> None:
+        self._files: dict[str, Any] = {}
+
+    def __call__(self, row: dict[str, Any]) -> bytes:
+        ref = row.get(SPILL_REF)
+        if ref is None:
+            return row["_image"]
+        path, offset, length = ref
+        f = self._files.get(path)
+        if f is None:
+            f = self._files[path] = open(path, "rb")  # noqa: SIM115 — closed by close()
+        f.seek(offset)
+        data = f.read(length)
+        if len(data) != length:
+            raise AccountingError(f"spill file {path} ends before {offset}+{length}: "
+                                  "it was removed or truncated while the build ran")
+        return data
+
+    def close(self) -> None:
+        for f in self._files.values():
+            f.close()
+        self._files.clear()
+
+
+def remove_spill(output: str, subset: str) -> None:
+    """The subset's spill folder, once its shards are written (or before a rebuild)."""
+    if spills(output):
+        shutil.rmtree(spill_dir(output, subset), ignore_errors=True)
+        try:  # the last subset out removes the folder (another may still be spilling)
+            os.rmdir(join(output, SPILL_FOLDER))
+        except OSError:
+            pass
 
 
 def num_files(count: int, per_file: int) -> int:
@@ -192,9 +368,13 @@ class _WriteShard(beam.DoFn):
         bucket, rows = item
         index = ranks[bucket]
         name = shard_name(self.subset, index)
-        rows = [dict(r, shard=f"{name}.tar") for r in rows]
-        tar, table = shard_bytes(rows)
-        write_atomic(join(self.output, "shards", f"{name}.tar"), tar)
+        rows, table = shard_rows(dict(r, shard=f"{name}.tar") for r in rows)
+        reader = _SpillReader()
+        try:
+            size = write_atomic_stream(join(self.output, "shards", f"{name}.tar"),
+                                       lambda f: write_tar(f, rows, table, reader))
+        finally:
+            reader.close()
         write_atomic(join(self.output, "index", f"{name}.parquet"), parquet_bytes(table))
         embedded = 0
         if self.embeddings_dir:
@@ -205,7 +385,7 @@ class _WriteShard(beam.DoFn):
                 write_atomic(join(folder, *rel.split("/")), data)
             embedded = len(rows)
         beam.metrics.Metrics.counter("sink", "samples").inc(len(rows))
-        log.info("wrote shard %s (%d samples, %.1f MB)", name, len(rows), len(tar) / 1e6)
+        log.info("wrote shard %s (%d samples, %.1f MB)", name, len(rows), size / 1e6)
         yield f"{name}.tar", len(rows), embedded
 
 
@@ -225,6 +405,9 @@ class WriteShards(beam.PTransform):
         self.embeddings_dir = embeddings_dir
 
     def expand(self, records):
+        if spills(self.output):
+            records = records | "Spill" >> beam.ParDo(
+                _Spill(spill_dir(self.output, self.subset)))
         groups, ranks = _partition(records, "Shard", self.samples_per_shard)
         return groups | "Write" >> beam.ParDo(
             _WriteShard(self.output, self.subset, self.embeddings_dir),
@@ -369,13 +552,38 @@ def merge_stats(recipe: str, docs: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return doc
 
 
-def _count_by(pcoll, label: str, key_fn):
-    return (
-        pcoll
-        | f"{label}Key" >> beam.Map(key_fn)
-        | f"{label}Count" >> beam.combiners.Count.PerElement()
-        | f"{label}List" >> beam.combiners.ToList()
-    )
+class _Tally(beam.CombineFn):
+    """``(kind, item)`` pairs → ``{kind: ...}``: for the kinds of :data:`COUNTS`, how often
+    each item came; for :data:`LISTS`, the items. One combine instead of one per kind: a
+    Beam transform costs construction and a runner stage costs start-up, per build."""
+
+    COUNTS = ("inputs", "kept", "rejected", "dups")
+    LISTS = ("shards", "files")
+
+    def create_accumulator(self) -> dict[str, Any]:
+        return {**{k: {} for k in self.COUNTS}, **{k: [] for k in self.LISTS}}
+
+    def add_input(self, acc: dict[str, Any], kv: tuple[str, Any]) -> dict[str, Any]:
+        kind, item = kv
+        if kind in self.LISTS:
+            acc[kind].append(item)
+        else:
+            acc[kind][item] = acc[kind].get(item, 0) + 1
+        return acc
+
+    def merge_accumulators(self, accs: Iterable[dict[str, Any]]) -> dict[str, Any]:
+        accs = iter(accs)
+        out = next(accs)
+        for acc in accs:
+            for kind in self.COUNTS:
+                for item, n in acc[kind].items():
+                    out[kind][item] = out[kind].get(item, 0) + n
+            for kind in self.LISTS:
+                out[kind].extend(acc[kind])
+        return out
+
+    def extract_output(self, acc: dict[str, Any]) -> dict[str, Any]:
+        return acc
 
 
 class WriteSubset(beam.PTransform):
@@ -406,39 +614,36 @@ class WriteSubset(beam.PTransform):
         dup_files = pcolls["duplicates"] | "Duplicates" >> WriteTable(
             self.output, "duplicates", self.subset, schemas.DUPLICATE_SCHEMA
         )
-        side = {
-            "inputs": _count_by(pcolls["inputs"], "Inputs", lambda r: r["source"]),
-            "kept": _count_by(kept, "Kept", lambda r: r["source"]),
-            "rejected": _count_by(
-                pcolls["rejects"], "Rejected", lambda r: (r["source"], r["stage"], r["reason"])
-            ),
-            "dups": _count_by(
-                pcolls["duplicates"], "Dups", lambda r: (r["source"], r["stage"], r["method"])
-            ),
-            "shards": shards | "ShardList" >> beam.combiners.ToList(),
-            "files": (
-                (rej_files, dup_files)
-                | "AllFiles" >> beam.Flatten()
-                | "FileList" >> beam.combiners.ToList()
-            ),
-        }
+        def tag(kind: str, item: Callable[[Any], Any]) -> Callable[[Any], tuple[str, Any]]:
+            return lambda x: (kind, item(x))
+
+        tagged = [
+            pcolls["inputs"] | "InputsKey" >> beam.Map(tag("inputs", lambda r: r["source"])),
+            kept | "KeptKey" >> beam.Map(tag("kept", lambda r: r["source"])),
+            pcolls["rejects"] | "RejectedKey" >> beam.Map(
+                tag("rejected", lambda r: (r["source"], r["stage"], r["reason"]))),
+            pcolls["duplicates"] | "DupsKey" >> beam.Map(
+                tag("dups", lambda r: (r["source"], r["stage"], r["method"]))),
+            shards | "ShardKey" >> beam.Map(tag("shards", tuple)),
+            rej_files | "RejFileKey" >> beam.Map(tag("files", tuple)),
+            dup_files | "DupFileKey" >> beam.Map(tag("files", tuple)),
+        ]
         return (
-            kept.pipeline
-            | "Once" >> beam.Create([None])
-            | "Finish"
-            >> beam.Map(
-                self._finish, **{k: beam.pvalue.AsSingleton(v) for k, v in side.items()}
-            )
+            tagged
+            | "AllCounts" >> beam.Flatten()
+            | "Tally" >> beam.CombineGlobally(_Tally())
+            | "Finish" >> beam.Map(self._finish)
         )
 
-    def _finish(self, _, inputs, kept, rejected, dups, shards, files):
+    def _finish(self, tally: dict[str, Any]):
+        shards, files = tally["shards"], tally["files"]
         stats = build_stats(
             recipe=self.recipe,
             subset=self.subset,
-            input_by_source=dict(inputs),
-            kept=dict(kept),
-            rejected=dict(rejected),
-            duplicates=dict(dups),
+            input_by_source=tally["inputs"],
+            kept=tally["kept"],
+            rejected=tally["rejected"],
+            duplicates=tally["dups"],
             shards=len(shards),
         )
         sizes = {name: n for name, n, _ in sorted(shards)}
@@ -462,6 +667,7 @@ class WriteSubset(beam.PTransform):
         stale = [f for f in subset_files(self.output, self.subset) if ".incomplete-" in f]
         if stale:
             FileSystems.delete(stale)
+        remove_spill(self.output, self.subset)
         folder = join(self.output, "subsets", self.subset)
         manifest = dict(self.manifest, subset=self.subset, shards=sorted(sizes),
                         tables=sorted(n for n, _ in files), **extra)
@@ -565,6 +771,7 @@ def clear_previous(output: str, subsets: Sequence[str], embeddings_dir: str | No
     found = []
     for s in subsets:
         found += subset_files(output, s)
+        remove_spill(output, s)
         if embeddings_dir:
             from pipelines.sinks.embeddings import subset_parts
 
