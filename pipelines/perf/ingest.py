@@ -15,7 +15,8 @@ What is measured, and how (run ``python -m pipelines.perf.ingest --help`` for th
 4. Per run: wall time of the whole command (start-up included), the active span (first request
    seen by the server → last shard file written) and its tail after the last request,
    images/s = samples in the shards / wall s, CPU seconds of the tool's process tree (and of the
-   server meanwhile), peak memory (sum of RSS over the process tree, sampled every 0.1 s) and
+   server meanwhile), peak memory (sums over the process tree of RSS, sampled every 0.1 s, and
+   of PSS, every 0.5 s: see :class:`TreeMemorySampler`) and
    the samples found in the tars (checked == N, each with its jpg, txt and json).
 
 5. The machine's per-core limit for this work, measured in the same run before the tools:
