@@ -157,6 +157,26 @@ def test_the_tar_writer_writes_what_tarfile_writes(names):
         assert [(m.name, tar.extractfile(m).read()) for m in tar.getmembers()] == members
 
 
+def test_the_tally_counts_and_lists_across_merged_bundles():
+    """The sink's one combine gives per-kind counts and lists, however the runner splits and
+    merges its inputs."""
+    from pipelines.sinks.shards import _Tally
+
+    items = [("inputs", "laion"), ("inputs", "coyo"), ("inputs", "laion"), ("kept", "laion"),
+             ("rejected", ("laion", "fetch", "http_404")), ("dups", ("coyo", "dedup", "phash")),
+             ("shards", ("pub11-00000.tar", 1, 0)), ("files", ("pub11-00000.parquet", 1)),
+             ("rejected", ("laion", "fetch", "http_404"))]
+    fn = _Tally()
+    whole = fn.extract_output(fn.add_inputs(fn.create_accumulator(), items))
+    parts = [fn.add_inputs(fn.create_accumulator(), items[i::3]) for i in range(3)]
+    merged = fn.extract_output(fn.merge_accumulators([fn.create_accumulator(), *parts]))
+    expected = {"inputs": {"laion": 2, "coyo": 1}, "kept": {"laion": 1},
+                "rejected": {("laion", "fetch", "http_404"): 2},
+                "dups": {("coyo", "dedup", "phash"): 1},
+                "shards": [("pub11-00000.tar", 1, 0)], "files": [("pub11-00000.parquet", 1)]}
+    assert whole == expected and merged == expected
+
+
 def test_clear_previous_removes_a_killed_builds_spill(tmp_path):
     dead = tmp_path / "_spill" / "pub11"
     dead.mkdir(parents=True)

@@ -256,7 +256,7 @@ class _Spill(beam.DoFn):
         self._file: Any = None
 
     def start_bundle(self) -> None:
-        self._file = None
+        self._close()  # a bundle that failed left its file open (its rows were discarded)
 
     def process(self, row: dict[str, Any]):
         if self._file is None:  # a local folder (see spills()): plain file calls
@@ -273,6 +273,12 @@ class _Spill(beam.DoFn):
 
     def finish_bundle(self) -> None:
         # rows leave the bundle when it commits, after this: every reference is readable
+        self._close()
+
+    def teardown(self) -> None:
+        self._close()
+
+    def _close(self) -> None:
         if self._file is not None:
             self._file.close()
             self._file = None
@@ -614,6 +620,7 @@ class WriteSubset(beam.PTransform):
         dup_files = pcolls["duplicates"] | "Duplicates" >> WriteTable(
             self.output, "duplicates", self.subset, schemas.DUPLICATE_SCHEMA
         )
+
         def tag(kind: str, item: Callable[[Any], Any]) -> Callable[[Any], tuple[str, Any]]:
             return lambda x: (kind, item(x))
 
