@@ -19,8 +19,9 @@ from pipelines.sinks.shards import (
     build_stats,
     clear_previous,
     num_files,
-    shard_bytes,
+    shard_rows,
     spills,
+    write_tar,
 )
 
 
@@ -122,8 +123,9 @@ def test_a_local_build_spills_pictures_and_leaves_no_spill(tmp_path, monkeypatch
     rows = [kept(i) for i in range(9)]
     build(tmp_path, rows, per_shard=100)  # one shard: compare it with the rows tarred directly
     assert reads == [True] * 9
-    expected, _ = shard_bytes([dict(r, shard="pub11-00000.tar") for r in rows])
-    assert _read(tmp_path / "shards" / "pub11-00000.tar") == expected
+    expected = io.BytesIO()
+    write_tar(expected, *shard_rows(dict(r, shard="pub11-00000.tar") for r in rows))
+    assert _read(tmp_path / "shards" / "pub11-00000.tar") == expected.getvalue()
     assert not (tmp_path / "_spill").exists()
     assert spills(str(tmp_path)) and spills("out/rs5m")
     assert not spills("gs://bucket/rs5m") and not spills("s3://bucket/rs5m")

@@ -156,9 +156,9 @@ def _tar_header(name: str, size: int) -> bytes:
     """The 512-byte USTAR header ``tarfile`` writes for a member of :func:`_tar_info`, byte
     for byte, made without its per-field machinery (the sink writes three members a
     sample); a name that is not short ASCII goes through ``tarfile``."""
-    raw = name.encode("ascii", "replace")
-    if len(raw) >= 100 or not name.isascii() or size >= 8**11:
+    if not name.isascii() or len(name) >= 100 or size >= 8**11:
         return _tar_info(name, size).tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape")
+    raw = name.encode("ascii")
     head = (raw + b"\x00" * (100 - len(raw)) + _HEAD_MID + b"%011o\x00" % size + _HEAD_TAIL
             + b"\x00" * 12)
     # the checksum: the byte sum with its own field as spaces, as 6 octal digits, NUL, space
@@ -221,14 +221,6 @@ def write_tar(fileobj: Any, rows: list[dict[str, Any]], table: pa.Table,
         tar.add(f"{key}.txt", r["caption"].encode())
         tar.add(f"{key}.json", sample_json(row))
     tar.close()
-
-
-def shard_bytes(rows: list[dict[str, Any]]) -> tuple[bytes, pa.Table]:
-    """Tar and index table for ``rows`` (each with ``_image`` JPEG bytes), sorted by key."""
-    rows, table = shard_rows(rows)
-    buf = io.BytesIO()
-    write_tar(buf, rows, table)
-    return buf.getvalue(), table
 
 
 # ----------------------------------------------------------------------------- spill
