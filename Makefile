@@ -115,10 +115,13 @@ else
 endif
 
 train: OUTPUT = out/train
+# the model: ARGS="--model …" when given, else the tiny one the demo world $(DEMO) holds
+TRAIN_MODEL = $(if $(findstring --model,$(ARGS)),,--model $(DEMO)/models/tiny-clip)
 train: $(STAMP)
 	@$(PY) -m trainer.data $(DATA)
+	@test -z "$(TRAIN_MODEL)" -o -f $(DEMO)/models/tiny-clip/open_clip_config.json || { echo "train: no tiny model in $(DEMO)/models/tiny-clip: run make build-rs5m$(if $(filter data/demo,$(DEMO)),, DEMO=$(DEMO)) first (it builds the demo world and its model), or pass ARGS='--model DIR_OR_ARCH'"; exit 1; }
 	$(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC) -m trainer.train \
-	  --data $(DATA) --output $(OUTPUT) $(ARGS)
+	  --data $(DATA) --output $(OUTPUT) $(TRAIN_MODEL) $(ARGS)
 
 bench: OUTPUT = out/bench
 bench: $(STAMP)
