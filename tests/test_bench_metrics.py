@@ -197,6 +197,20 @@ def test_counting_perfect_reversed_ties():
     assert tie["top9"] == 0.0 and tie["top10"] == 100.0
 
 
+def test_counting_prior_is_leave_one_out_and_pessimistic():
+    cats = ["car", "car", "car", "ship", "ship", "tank"]
+    counts = np.array([3, 3, 7, 2, 5, 4])
+    m = P.counting_prior(cats, counts)
+    # car 3: the other cars say 3 once, 7 once -> a tie, counted against it (rank 1);
+    # car 7: the others say 3 twice -> 7 scores 0 like eight other candidates (rank 9);
+    # ships: each sees only the other's count (rank 9); the lone tank sees nothing (rank 9)
+    assert m["top1"] == 0.0 and m["top2"] == pytest.approx(200 / 6) and m["top9"] == m["top2"]
+    assert m["top10"] == 100.0
+    # one category whose items mostly share a count: the majority wins on the prior alone
+    m = P.counting_prior(["bridge"] * 4 + ["car"], np.array([1, 1, 1, 2, 9]))
+    assert m["top1"] == 60.0  # the three 1s; the 2 and the lone car never
+
+
 # ----------------------------------------------------------------------------- SeLo
 
 

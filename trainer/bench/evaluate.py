@@ -122,8 +122,11 @@ def run_counting(model: BenchModel, spec: DatasetSpec, data: CountingData,
              for c in P.counting_captions(cap, int(n))]
     t = cache.get("counting", fingerprint([], texts), lambda: model.embed_texts(texts))
     m = P.counting(x, t.reshape(len(data.paths), len(P.COUNT_CANDIDATES), -1), data.counts)
+    prior = P.counting_prior(data.categories, data.counts)["top1"]
     return [_rec(model, spec, "counting", k, v, n_images=len(data.paths),
-                 candidates="1..10") for k, v in m.items()]
+                 candidates="1..10") for k, v in m.items()] + [
+        _rec(model, spec, "counting", "prior_top1", prior, n_images=len(data.paths),
+             candidates="1..10", reference="the category alone (leave-one-out), no image")]
 
 
 #: AIR-SLT scenes are ~10k x 10k, above the default bomb limits; still refuse past these

@@ -242,6 +242,23 @@ def counting(image_emb: np.ndarray, cand_text_emb: np.ndarray, counts: np.ndarra
     return {f"top{k}": _pct(rank < k) for k in range(1, len(candidates) + 1)}
 
 
+def counting_prior(categories: Sequence[str], counts: np.ndarray,
+                   candidates: Sequence[int] = COUNT_CANDIDATES) -> dict[str, float]:
+    """What knowing the category alone earns on a counting set, no image looked at: each
+    item's candidates ranked by how many *other* items of its category have that count
+    (leave-one-out; ties against it, so a category's only item never scores). A model near
+    this has learnt each category's usual count, not to count."""
+    cats = np.asarray(categories, dtype=object)
+    counts = np.asarray(counts, np.int64)
+    cand = np.asarray(list(candidates), np.int64)
+    same = cats[:, None] == cats[None, :]
+    np.fill_diagonal(same, False)
+    scores = (same[:, :, None] & (counts[None, :, None] == cand[None, None, :])).sum(axis=1)
+    true_idx = np.asarray([list(candidates).index(int(c)) for c in counts])
+    rank = rank_of_true(scores, true_idx)
+    return {f"top{k}": _pct(rank < k) for k in range(1, len(candidates) + 1)}
+
+
 # ----------------------------------------------------------------------------- SeLo
 
 #: constants of the SeLo paper's reference implementation (SemanticLocalizationMetrics, SLM)
