@@ -46,12 +46,15 @@ help:
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml
+# the worker images' pins (infra/docker/constraints.txt) hold here too: the launcher, the tests
+# and the workers run the same versions, and a new release on the index changes none of them
+# until infra/docker/pin.py is rerun
+$(STAMP): pyproject.toml infra/docker/constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# torch first, pinned inside the machine's cap, so no resolver picks a newer CUDA build
 	$(PY) -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -e ".[dev]" -c infra/docker/constraints.txt
 	@touch $(STAMP)
 
 demo: $(STAMP)

@@ -3,8 +3,11 @@ version installed in this virtualenv (the versions the test suite ran with).
 
     .venv/bin/python infra/docker/pin.py        # after changing pyproject.toml or the venv
 
-The worker images install the project with ``pip install -c constraints.txt``, so a worker runs
-what the launcher and the tests ran; tests/test_infra.py checks the pins against pyproject.toml.
+The worker images and the Makefile's virtualenv install the project with ``pip install -c
+constraints.txt``, so a worker runs what the launcher and the tests ran, and a release on the
+index changes nothing until it is pinned: to move a pin, upgrade it in the virtualenv
+(``.venv/bin/pip install -U NAME``), rerun this script and the tests. tests/test_infra.py
+checks the pins against pyproject.toml and the virtualenv.
 """
 
 from __future__ import annotations
