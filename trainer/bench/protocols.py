@@ -248,12 +248,13 @@ def counting_prior(categories: Sequence[str], counts: np.ndarray,
     item's candidates ranked by how many *other* items of its category have that count
     (leave-one-out; ties against it, so a category's only item never scores). A model near
     this has learnt each category's usual count, not to count."""
-    cats = np.asarray(categories, dtype=object)
+    index = {c: i for i, c in enumerate(dict.fromkeys(categories))}
+    cat = np.asarray([index[c] for c in categories], np.int64)
     counts = np.asarray(counts, np.int64)
-    cand = np.asarray(list(candidates), np.int64)
-    same = cats[:, None] == cats[None, :]
-    np.fill_diagonal(same, False)
-    scores = (same[:, :, None] & (counts[None, :, None] == cand[None, None, :])).sum(axis=1)
+    own = (counts[:, None] == np.asarray(list(candidates), np.int64)[None, :]).astype(np.int64)
+    per_category = np.zeros((len(index), own.shape[1]), np.int64)
+    np.add.at(per_category, cat, own)
+    scores = per_category[cat] - own  # the other items of the category
     true_idx = np.asarray([list(candidates).index(int(c)) for c in counts])
     rank = rank_of_true(scores, true_idx)
     return {f"top{k}": _pct(rank < k) for k in range(1, len(candidates) + 1)}
