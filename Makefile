@@ -118,11 +118,12 @@ else
 endif
 
 train: OUTPUT = out/train
-# the model: ARGS="--model …" when given, else the tiny one the demo world $(DEMO) holds
-TRAIN_MODEL = $(if $(findstring --model,$(ARGS)),,--model $(DEMO)/models/tiny-clip)
+# the tiny model the demo world $(DEMO) holds: make train's default, make bench's baseline
+TINY_CLIP = $(DEMO)/models/tiny-clip
+TRAIN_MODEL = $(if $(findstring --model,$(ARGS)),,--model $(TINY_CLIP))
 train: $(STAMP)
 	@$(PY) -m trainer.data $(DATA)
-	@test -z "$(TRAIN_MODEL)" -o -f $(DEMO)/models/tiny-clip/open_clip_config.json || { echo "train: no tiny model in $(DEMO)/models/tiny-clip: run make build-rs5m$(if $(filter data/demo,$(DEMO)),, DEMO=$(DEMO)) first (it builds the demo world and its model), or pass ARGS='--model DIR_OR_ARCH'"; exit 1; }
+	@test -z "$(TRAIN_MODEL)" -o -f $(TINY_CLIP)/open_clip_config.json || { echo "train: no tiny model in $(TINY_CLIP): run make build-rs5m$(if $(filter data/demo,$(DEMO)),, DEMO=$(DEMO)) first (it builds the demo world and its model), or pass ARGS='--model DIR_OR_ARCH'"; exit 1; }
 	$(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC) -m trainer.train \
 	  --data $(DATA) --output $(OUTPUT) $(TRAIN_MODEL) $(ARGS)
 
@@ -132,7 +133,7 @@ ifeq ($(findstring --datasets,$(ARGS)),)
 	$(PY) -m pipelines.demo bench-sets --out $(DEMO)
 endif
 	$(PY) -m trainer.bench --checkpoint $(CHECKPOINT) --output $(OUTPUT) \
-	  --demo-dir $(DEMO)/bench --baseline-model $(DEMO)/models/tiny-clip $(ARGS)
+	  --demo-dir $(DEMO)/bench --baseline-model $(TINY_CLIP) $(ARGS)
 
 stats: $(STAMP)
 	$(PY) -m pipelines.stats $(OUTPUT)

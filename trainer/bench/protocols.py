@@ -237,8 +237,14 @@ def counting(image_emb: np.ndarray, cand_text_emb: np.ndarray, counts: np.ndarra
     similarity; top-k = share of images whose true count is among the k best (k = 1..10)."""
     sims = np.einsum("nd,ncd->nc", np.asarray(image_emb, np.float64),
                      np.asarray(cand_text_emb, np.float64))
+    return _count_topk(sims, counts, candidates)
+
+
+def _count_topk(scores: np.ndarray, counts: np.ndarray,
+                candidates: Sequence[int]) -> dict[str, float]:
+    """top-k of the true count among the candidates ranked by ``scores`` [N, len(candidates)]."""
     true_idx = np.asarray([list(candidates).index(int(c)) for c in counts])
-    rank = rank_of_true(sims, true_idx)
+    rank = rank_of_true(scores, true_idx)
     return {f"top{k}": _pct(rank < k) for k in range(1, len(candidates) + 1)}
 
 
@@ -248,16 +254,11 @@ def counting_prior(categories: Sequence[str], counts: np.ndarray,
     item's candidates ranked by how many *other* items of its category have that count
     (leave-one-out; ties against it, so a category's only item never scores). A model near
     this has learnt each category's usual count, not to count."""
-    index = {c: i for i, c in enumerate(dict.fromkeys(categories))}
-    cat = np.asarray([index[c] for c in categories], np.int64)
-    counts = np.asarray(counts, np.int64)
-    own = (counts[:, None] == np.asarray(list(candidates), np.int64)[None, :]).astype(np.int64)
-    per_category = np.zeros((len(index), own.shape[1]), np.int64)
+    names, cat = np.unique(np.asarray(categories, dtype=str), return_inverse=True)
+    own = (np.asarray(counts)[:, None] == np.asarray(list(candidates))[None, :]).astype(np.int64)
+    per_category = np.zeros((len(names), own.shape[1]), np.int64)
     np.add.at(per_category, cat, own)
-    scores = per_category[cat] - own  # the other items of the category
-    true_idx = np.asarray([list(candidates).index(int(c)) for c in counts])
-    rank = rank_of_true(scores, true_idx)
-    return {f"top{k}": _pct(rank < k) for k in range(1, len(candidates) + 1)}
+    return _count_topk(per_category[cat] - own, counts, candidates)  # the category's others
 
 
 # ----------------------------------------------------------------------------- SeLo
