@@ -118,7 +118,7 @@ def external_pool_address(options) -> str | None:
         return None
     runner = options.view_as(StandardOptions).runner or "DirectRunner"
     name = runner if isinstance(runner, str) else type(runner).__name__
-    local_job = name in ("DirectRunner", "BundleBasedDirectRunner") or (
+    local_job = name in ("DirectRunner", "FnApiRunner", "BundleBasedDirectRunner") or (
         name == "PortableRunner" and (portable.job_endpoint or "embed") == "embed")
     if not local_job:
         return None

@@ -35,10 +35,12 @@ def files(folder: Path) -> dict[str, bytes]:
 
 
 def manifest_content(doc):
-    """A manifest without what names the run rather than its content: the runner and the
-    output folder (also in the subsets' manifests nested in the top-level one)."""
+    """A manifest without what names the run rather than its content: the runner, the
+    output folder and the fetch processes (``--fetch_processes auto`` resolves by runner;
+    also in the subsets' manifests nested in the top-level one)."""
     if isinstance(doc, dict):
-        return {k: manifest_content({c: x for c, x in v.items() if c != "output"}
+        return {k: manifest_content({c: x for c, x in v.items()
+                                     if c not in ("output", "fetch_processes")}
                                     if k == "config" else v)
                 for k, v in doc.items() if k != "runner"}
     if isinstance(doc, list):

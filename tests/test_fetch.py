@@ -589,3 +589,78 @@ def test_fetch_in_worker_processes_equals_fetch_in_threads(demo_server, decode):
              | "OkSame" >> beam.Map(same))
         _ = ((want_rej, got_rej) | "RejPair" >> beam.Flatten()
              | "RejAll" >> beam.combiners.ToList() | "RejSame" >> beam.Map(same))
+
+
+@pytest.mark.parametrize("argv, runner, want", [
+    ([], "FnApiRunner", 4),  # no --runner: DirectRunner, whose batch runner is the FnApiRunner
+    (["--runner=DirectRunner"], "FnApiRunner", 4),
+    (["--runner=FnApiRunner"], "FnApiRunner", 4),
+    (["--runner=DirectRunner", "--direct_running_mode=multi_processing",
+      "--direct_num_workers=2"], "FnApiRunner", 1),
+    (["--runner=DirectRunner", "--direct_num_workers=2"], "FnApiRunner", 1),
+    (["--runner=DirectRunner", "--environment_type=EXTERNAL",
+      "--environment_config=localhost:50000"], "FnApiRunner", 1),
+    (["--runner=BundleBasedDirectRunner"], "BundleBasedDirectRunner", 1),
+    (["--runner=PrismRunner"], "PrismRunner", 1),
+    (["--runner=DataflowRunner"], "DataflowRunner", 1),
+    (["--runner=FlinkRunner"], "FlinkRunner", 1),
+])
+def test_fetch_processes_auto_is_the_cores_on_the_local_in_memory_runner_only(
+        monkeypatch, argv, runner, want):
+    """``DirectRunner`` names Beam's FnApiRunner (no Prism download, no silent switch of
+    runner); ``--fetch_processes auto`` is the usable cores on its one in-memory worker, 1
+    wherever the runner's workers are the processes; a count is kept as given."""
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    from pipelines import image_guard
+    from pipelines.recipes import kit
+
+    monkeypatch.setattr(image_guard, "core_count", lambda: 4)
+    opts = PipelineOptions(argv)
+    assert kit.runner_of(opts) == runner
+    n, why = kit.fetch_processes("auto", opts)
+    assert (n, why.split(":")[0]) == (want, "auto")
+    assert kit.fetch_processes(3, opts) == (3, "as given")
+
+
+def test_fetch_processes_flag_takes_auto_or_a_positive_count():
+    import argparse
+
+    from pipelines.recipes import kit
+
+    ap = argparse.ArgumentParser()
+    kit.add_shared_flags(ap, "out/x")
+    assert ap.parse_args([]).fetch_processes == "auto"
+    assert ap.parse_args(["--fetch_processes", "AUTO"]).fetch_processes == "auto"
+    assert ap.parse_args(["--fetch_processes", "3"]).fetch_processes == 3
+    for bad in ("0", "-1", "two"):
+        with pytest.raises(SystemExit):
+            ap.parse_args(["--fetch_processes", bad])
+
+
+def test_fetch_processes_share_the_machines_decode_slots(monkeypatch):
+    """With P fetch processes, each decodes at most cores // P pictures at once (at least
+    one), so the bound on pictures in decoding is the machine's, as with one process; a
+    decode_slots given explicitly is kept."""
+    import dataclasses
+
+    from pipelines import image_guard
+    from pipelines.stages import fetch as fetch_mod
+    from pipelines.stages import images
+
+    seen = []
+    monkeypatch.setattr(images, "normalise_image", lambda data, cfg: seen.append(cfg))
+    monkeypatch.setattr(image_guard, "core_count", lambda: 8)
+
+    class OneBody:
+        def fetch_many(self, urls, then):
+            return [then(b"") for _ in urls]
+
+    monkeypatch.setitem(fetch_mod._CHILD, "fetcher", OneBody())
+    for processes, given, want in [(2, None, 4), (3, None, 2), (16, None, 1), (2, 5, 5)]:
+        monkeypatch.setitem(fetch_mod._CHILD, "processes", processes)
+        seen.clear()
+        cfg = images.ImageConfig(image_size=64, decode_slots=given)
+        fetch_mod._child_fetch(["u"], cfg)
+        assert [c.decode_slots for c in seen] == [want]
+        assert dataclasses.replace(seen[0], decode_slots=given) == cfg

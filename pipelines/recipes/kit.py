@@ -251,11 +251,13 @@ def add_shared_flags(parser: argparse.ArgumentParser, default_output: str) -> No
                    help="honour X-Robots-Tag noai/noimageai (default true)")
     g.add_argument("--thread_count", type=int, default=64,
                    help="requests in flight per worker (per fetch process)")
-    g.add_argument("--fetch_processes", type=int, default=1,
+    g.add_argument("--fetch_processes", type=_processes, default="auto",
                    help="forked processes that fetch and decode for each worker, each with "
-                   "--thread_count threads, outside the worker's GIL: for a local build's one "
-                   "in-memory worker, set it to the cores (make perf-ingest: 0.64 -> 0.80 of "
-                   "img2dataset on 2 cores); default 1 (the worker's own threads)")
+                   "--thread_count threads, outside the worker's GIL. auto (default): the "
+                   "cores this process may use when the job runs on the local in-memory "
+                   "runner (DirectRunner), whose one worker would otherwise be GIL-bound "
+                   "at about one core; 1 on every other runner, whose workers already fill "
+                   "the cores")
     g.add_argument("--allow_networks",
                    help="comma-separated CIDRs exempt from the address guard (e.g. "
                    "127.0.0.0/8 for a local test server); default none")
@@ -344,6 +346,64 @@ def on_accelerator(transform: beam.PTransform, cfg: dict[str, Any]) -> beam.PTra
     if cfg.get("accelerator"):
         return transform.with_resource_hints(accelerator=cfg["accelerator"])
     return transform
+
+
+def _processes(value: str) -> int | str:
+    """``--fetch_processes``: ``auto`` or a positive count."""
+    if value.strip().lower() == "auto":
+        return "auto"
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"'auto' or a positive count, not {value!r}")
+    return n
+
+
+#: what ``--runner DirectRunner`` (and no ``--runner``) runs: Beam's FnApiRunner (below)
+LOCAL_RUNNER = "FnApiRunner"
+
+
+def runner_of(opts: PipelineOptions) -> str:
+    """The runner a job with ``opts`` runs on, by name.
+
+    ``DirectRunner`` (and no ``--runner``) means Beam's FnApiRunner, which DirectRunner has
+    always picked for batch jobs like ours, and which this project's tests, figures and
+    determinism checks run on. Since Beam 2.6x, DirectRunner first tries the Prism runner,
+    downloading a Go binary from GitHub on first use: on a machine with network access the
+    build would silently move to another runner, and offline (or behind a firewall that drops
+    the request) it waits for that download to fail on every build. Name ``PrismRunner`` to
+    run on Prism."""
+    runner = opts.view_as(StandardOptions).runner or "DirectRunner"
+    name = runner if isinstance(runner, str) else type(runner).__name__
+    return LOCAL_RUNNER if name in ("DirectRunner", "SwitchingDirectRunner") else name
+
+
+def fetch_processes(value: int | str, opts: PipelineOptions) -> tuple[int, str]:
+    """(fetch processes, why) for ``--fetch_processes value`` on the job of ``opts``.
+
+    ``auto`` is the usable cores when the job runs on the in-memory FnApiRunner with one
+    worker (DirectRunner's default): everything then runs in this process under one GIL,
+    and the fetch and decode work (most of a web build's CPU) can fill the other cores only
+    from processes of its own. On any other runner or mode the runner's workers are the
+    processes (Dataflow, Flink, Spark, Prism; DirectRunner's multi_processing), and ``auto``
+    is 1."""
+    from apache_beam.options.pipeline_options import DirectOptions, PortableOptions
+
+    from pipelines.image_guard import core_count
+
+    if value != "auto":
+        return int(value), "as given"
+    direct = opts.view_as(DirectOptions)
+    environment = (opts.view_as(PortableOptions).environment_type or "").upper()
+    if runner_of(opts) != LOCAL_RUNNER:
+        return 1, f"auto: the {runner_of(opts)} workers are the processes"
+    if (direct.direct_running_mode or "in_memory") != "in_memory" \
+            or (direct.direct_num_workers or 1) != 1 or environment not in ("", "EMBEDDED"):
+        return 1, "auto: the runner's workers are the processes"
+    cores = core_count()
+    return cores, f"auto: the in-memory runner's one worker, {cores} usable core(s)"
 
 
 def _csv(value: str | None) -> tuple[str, ...]:
@@ -629,13 +689,18 @@ def compose(p: beam.Pipeline, recipe: Recipe, heads: Sequence[Head], cfg: dict[s
 
 
 def parse(recipe: Recipe, argv: Sequence[str] | None) -> tuple[dict[str, Any], list[str]]:
-    """(our config, Beam's flags). An unknown flag is an error, not silently dropped."""
+    """(our config, Beam's flags). An unknown flag is an error, not silently dropped;
+    ``--fetch_processes auto`` becomes its count for the runner the Beam flags name."""
     parser = recipe.parser()
     args, rest = parser.parse_known_args(list(argv or []))
     _, unknown = _beam_parser().parse_known_args(rest)
     if unknown:
         parser.error(f"unknown flags {unknown} (neither {recipe.name}'s nor Beam's; see --help)")
-    return vars(args), rest
+    cfg = vars(args)
+    cfg["fetch_processes"], why = fetch_processes(cfg["fetch_processes"], PipelineOptions(rest))
+    log.info("%s: fetch in %d process(es) x %d threads (%s)", recipe.name,
+             cfg["fetch_processes"], cfg["thread_count"], why)
+    return cfg, rest
 
 
 def run(recipe: Recipe, argv: Sequence[str] | None = None) -> Any:
@@ -647,7 +712,8 @@ def run(recipe: Recipe, argv: Sequence[str] | None = None) -> Any:
     opts = PipelineOptions(beam_args)
     # our DoFns reference module-level code: nothing of the main session needs pickling
     opts.view_as(SetupOptions).save_main_session = False
-    runner = opts.view_as(StandardOptions).runner or "DirectRunner"
+    runner = runner_of(opts)
+    opts.view_as(StandardOptions).runner = runner
     dry_run = bool(opts.view_as(TestOptions).dry_run)
     if not dry_run:
         from pipelines.worker_pool import check_external_environment

@@ -1084,18 +1084,34 @@ _CHILD: dict[str, Any] = {}
 
 
 def _child_init(cfg: FetchConfig) -> None:
-    """In a fetch worker process: its own Fetcher (threads, pool, watchdog)."""
+    """In a fetch worker process: its own Fetcher (threads, pool, watchdog).
+
+    The objects inherited from the parent (a recipe's worker may hold models) move to the
+    collector's permanent generation, so this process's collections never write to their
+    pages and they stay shared with the parent instead of being copied."""
+    import gc
+
+    gc.freeze()
     _CHILD["fetcher"] = Fetcher(dataclasses.replace(cfg, processes=1))
+    _CHILD["processes"] = cfg.processes
 
 
 def _child_fetch(urls: list[Any], decode: Any) -> list[Any]:
     """In a fetch worker process: what ``Fetcher.fetch_many`` gives for ``urls`` (decoded
-    with ``decode``, an ``ImageConfig``, when given)."""
+    with ``decode``, an ``ImageConfig``, when given).
+
+    The decode slots (at most that many pictures decoded at once, by default the cores) are
+    the machine's, not each process's: with ``processes`` processes, each gets its share, so
+    that the memory bound on pictures in decoding stays what it is with one process."""
     fetcher: Fetcher = _CHILD["fetcher"]
     if decode is None:
         return fetcher.fetch_many(urls)
+    from pipelines import image_guard
     from pipelines.stages import images
 
+    if decode.decode_slots is None:
+        decode = dataclasses.replace(
+            decode, decode_slots=max(1, image_guard.core_count() // _CHILD["processes"]))
     return fetcher.fetch_many(urls, functools.partial(images.normalise_image, cfg=decode))
 
 
