@@ -6,6 +6,7 @@ itself included, are in ``test_fetch_hostile.py``)."""
 
 from __future__ import annotations
 
+import os
 import socket
 import threading
 import time
@@ -346,6 +347,10 @@ def record(key, url):
 
 
 def test_fetch_dofn_direct(demo_server, demo_root):
+    """Called directly (no runner): records leave from ``process`` as their fetches end and
+    the rest from ``finish_bundle``, each in the global window."""
+    from apache_beam.transforms.window import GlobalWindow
+
     fn = FetchDoFn(FAST)
     fn.setup()
     try:
@@ -357,11 +362,17 @@ def test_fetch_dofn_direct(demo_server, demo_root):
                 ]
             )
         )
+        out += list(fn.finish_bundle())
     finally:
         fn.teardown()
-    assert out[0]["_body"] == body_of(demo_root, "a.jpg") and out[0]["key"] == "k1"
-    assert isinstance(out[1], beam.pvalue.TaggedOutput) and out[1].tag == REJECTS
-    assert (out[1].value["key"], out[1].value["reason"]) == ("k2", "http_404")
+    assert all(o.windows == (GlobalWindow(),) for o in
+               (x.value if isinstance(x, beam.pvalue.TaggedOutput) else x for x in out))
+    main = [o.value for o in out if not isinstance(o, beam.pvalue.TaggedOutput)]
+    rejects = [o for o in out if isinstance(o, beam.pvalue.TaggedOutput)]
+    assert len(main) == 1 and len(rejects) == 1
+    assert main[0]["_body"] == body_of(demo_root, "a.jpg") and main[0]["key"] == "k1"
+    assert rejects[0].tag == REJECTS
+    assert (rejects[0].value.value["key"], rejects[0].value.value["reason"]) == ("k2", "http_404")
 
 
 def test_fetch_transform_in_a_pipeline(demo_server, demo_root):
@@ -375,7 +386,7 @@ def test_fetch_transform_in_a_pipeline(demo_server, demo_root):
     ]
     sizes = {n: len(body_of(demo_root, n)) for n in ("a.jpg", "b.png", "c.jpg")}
     with TestPipeline() as p:
-        out = p | beam.Create(records) | Fetch(FAST, batch_size=4)
+        out = p | beam.Create(records) | Fetch(FAST, in_flight=4)
         ok = out.records | "OkKeys" >> beam.Map(lambda r: (r["key"], len(r["_body"]), r["caption"]))
         rejects = out[REJECTS] | "RejectKeys" >> beam.Map(
             lambda r: (r["key"], r["stage"], r["reason"])
@@ -438,8 +449,8 @@ def test_fetch_with_decode_equals_fetch_then_decode(demo_server):
 
     with TestPipeline() as p:
         src = p | beam.Create(records)
-        together = src | "Together" >> Fetch(FAST, batch_size=4, decode=cfg)
-        apart = src | "Apart" >> Fetch(FAST, batch_size=4)
+        together = src | "Together" >> Fetch(FAST, in_flight=4, decode=cfg)
+        apart = src | "Apart" >> Fetch(FAST, in_flight=4)
         decoded = apart.records | beam.ParDo(DecodeDoFn(cfg)).with_outputs(REJECTS, main="records")
         want_ok = rows(decoded.records, "WantOk") | "WantOkList" >> beam.combiners.ToList()
         want_rej = ((apart[REJECTS], decoded[REJECTS]) | beam.Flatten()
@@ -573,8 +584,8 @@ def test_fetch_in_worker_processes_equals_fetch_in_threads(demo_server, decode):
 
     with TestPipeline() as p:
         src = p | beam.Create(records)
-        threads = src | "Threads" >> Fetch(FAST, batch_size=2, decode=cfg)
-        procs = src | "Procs" >> Fetch(dataclasses.replace(FAST, processes=2), batch_size=2,
+        threads = src | "Threads" >> Fetch(FAST, in_flight=2, decode=cfg)
+        procs = src | "Procs" >> Fetch(dataclasses.replace(FAST, processes=2), in_flight=2,
                                        decode=cfg)
         want = rows(threads.records, "WantOk")
         got = rows(procs.records, "GotOk")
@@ -648,19 +659,67 @@ def test_fetch_processes_share_the_machines_decode_slots(monkeypatch):
     from pipelines.stages import fetch as fetch_mod
     from pipelines.stages import images
 
-    seen = []
-    monkeypatch.setattr(images, "normalise_image", lambda data, cfg: seen.append(cfg))
     monkeypatch.setattr(image_guard, "core_count", lambda: 8)
-
-    class OneBody:
-        def fetch_many(self, urls, then):
-            return [then(b"") for _ in urls]
-
-    monkeypatch.setitem(fetch_mod._CHILD, "fetcher", OneBody())
-    for processes, given, want in [(2, None, 4), (3, None, 2), (16, None, 1), (2, 5, 5)]:
-        monkeypatch.setitem(fetch_mod._CHILD, "processes", processes)
-        seen.clear()
+    assert fetch_mod._decode_share(None, 2) is None
+    for processes, given, want in [(1, None, 8), (2, None, 4), (3, None, 2), (16, None, 1),
+                                   (2, 5, 5)]:
         cfg = images.ImageConfig(image_size=64, decode_slots=given)
-        fetch_mod._child_fetch(["u"], cfg)
-        assert [c.decode_slots for c in seen] == [want]
-        assert dataclasses.replace(seen[0], decode_slots=given) == cfg
+        got = fetch_mod._decode_share(cfg, processes)
+        assert got.decode_slots == want
+        assert dataclasses.replace(got, decode_slots=given) == cfg
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_a_slow_fetch_holds_one_slot_not_the_records_beside_it(demo_server, processes):
+    """Streaming: with 4 fetches in flight, one URL answering in 2 s does not hold back the
+    other records; they leave while it is still running (a fetch in batches would wait for
+    the slowest of each batch), and the slow one leaves from finish_bundle."""
+    import dataclasses
+
+    cfg = dataclasses.replace(FAST, processes=processes, deadline=10.0)
+    fn = FetchDoFn(cfg, in_flight=4)
+    fn.setup()
+    try:
+        records = [record("slow", demo_server.url("/slow/2/img/a.jpg"))] + [
+            record(f"k{i}", demo_server.url("/img/b.png")) for i in range(12)]
+        start = time.monotonic()
+        early = list(fn.process(records))
+        took = time.monotonic() - start
+        late = list(fn.finish_bundle())
+        total = time.monotonic() - start
+    finally:
+        fn.teardown()
+    early_keys = [o.value["key"] for o in early]
+    late_keys = [o.value["key"] for o in late]
+    assert sorted(early_keys + late_keys) == sorted(r["key"] for r in records)
+    # the 12 fast ones went through 3 slots while the slow one held the 4th: all but the
+    # last few (still in flight when process returned) left before it ended
+    assert "slow" not in early_keys and len(early_keys) >= 12 - 3 and took < 1.5, \
+        (early_keys, took)
+    assert late_keys[-1] == "slow" and total >= 2.0
+
+
+def test_a_fetch_process_that_dies_fails_its_fetches_with_its_exit_code(demo_server,
+                                                                        demo_root):
+    """A fetch process killed (or crashed in native code) while holding fetches: they fail
+    with an error naming its exit code (the bundle fails; no record is silently lost), and
+    the other process takes the next URLs."""
+    import dataclasses
+    import signal
+
+    from pipelines.stages.fetch import FetchProcesses
+
+    procs = FetchProcesses(dataclasses.replace(FAST, processes=2, deadline=10.0))
+    try:
+        first = procs.submit(demo_server.url("/slow/3/img/a.jpg"))
+        second = procs.submit(demo_server.url("/slow/3/img/a.jpg"))  # the other process
+        victim = procs._procs[0]
+        time.sleep(0.3)
+        os.kill(victim.pid, signal.SIGKILL)
+        with pytest.raises(RuntimeError, match=r"fetch-0 .* exited with code -9 holding 1"):
+            first.result(timeout=10)
+        assert second.result(timeout=10) == body_of(demo_root, "a.jpg")
+        after = procs.submit(demo_server.url("/img/b.png"))
+        assert isinstance(after.result(timeout=10), bytes)
+    finally:
+        procs.close()

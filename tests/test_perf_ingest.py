@@ -10,6 +10,7 @@ import json
 import tarfile
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
@@ -41,7 +42,7 @@ def test_count_samples_needs_jpg_txt_json(tmp_path: Path) -> None:
 def test_img2dataset_command_matches_our_settings(tmp_path: Path) -> None:
     s = ingest.Settings(processes=2, threads=8, image_size=128, resize_mode="center_crop",
                         encode_quality=90, samples_per_shard=50, timeout=5,
-                        running_mode="in_memory", batch_size=None)
+                        running_mode="in_memory", in_flight=None)
     cmd = ingest.img2dataset_command(Path("/x/img2dataset"), tmp_path / "u.parquet",
                                      tmp_path / "o", s)
     flags = dict(zip(cmd[1::2], cmd[2::2], strict=True))
@@ -71,6 +72,7 @@ def test_harness_runs_our_pipeline(tmp_path: Path, capsys: pytest.CaptureFixture
         "--n", str(n), "--size", "96", "--image_size", "64", "--images", "texture",
         "--tools", "ours", "--warmup", "0", "--repeats", "1", "--processes", "1",
         "--threads", "4", "--running_mode", "in_memory", "--workdir", str(tmp_path),
+        "--stragglers", "0.5:1",
     ])
     best = ingest.benchmark(args)
     out = capsys.readouterr().out
@@ -80,6 +82,13 @@ def test_harness_runs_our_pipeline(tmp_path: Path, capsys: pytest.CaptureFixture
     assert ours.wall_s > 0 and ours.startup_s is not None and ours.active_s is not None
     assert any(line.startswith("ours ") for line in out.splitlines()), out
     assert "WARNING" not in out
+    # the straggler round: every 2nd URL answers after 1 s, and every sample still lands
+    slow_urls = pq.read_table(tmp_path / f"urls-slow-{n}" / "urls.parquet").column("url")
+    assert sum("/slow/1/img/" in u for u in slow_urls.to_pylist()) == n // 2
+    table_part = out.split("perf-ingest with stragglers: N=6")[1]
+    row = next(line for line in table_part.splitlines() if line.startswith("ours "))
+    assert row.split()[6] == "yes" and float(row.split()[1]) >= 1.0, row
+    assert ingest.benchmark.all_ok
     stats = json.loads((tmp_path / "out-ours" / "stats.json").read_text())
     assert (stats["input"], stats["kept"], stats["rejected"]) == (n, n, 0)
     with tarfile.open(next((tmp_path / "out-ours" / "shards").glob("*.tar"))) as tar:

@@ -199,12 +199,19 @@ def make_world(
     return root, [captions[str(i)] for i in range(n)]
 
 
-def write_url_list(path: Path, base_url: str, captions: Sequence[str]) -> Path:
-    """A LAION-style parquet (``url``, ``caption``): one row per image, default row groups."""
+def write_url_list(path: Path, base_url: str, captions: Sequence[str],
+                   slow: tuple[float, float] | None = None) -> Path:
+    """A LAION-style parquet (``url``, ``caption``): one row per image, default row groups.
+
+    ``slow`` = (fraction, seconds): that share of the rows, evenly spaced, ask the server to
+    answer after that many seconds (``/slow/<s>/img/...``), as slow and dying hosts do on the
+    web."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    urls = [f"{base_url}/img/{i:06d}.jpg" for i in range(len(captions))]
+    every = max(1, round(1 / slow[0])) if slow and slow[0] > 0 else 0
+    urls = [f"{base_url}/slow/{slow[1]:g}/img/{i:06d}.jpg" if every and i % every == every // 2
+            else f"{base_url}/img/{i:06d}.jpg" for i in range(len(captions))]
     path.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.table({"url": urls, "caption": list(captions)}), path)
     return path
@@ -324,7 +331,7 @@ class Settings:
     samples_per_shard: int
     timeout: int
     running_mode: str
-    batch_size: int | None
+    in_flight: int | None
 
 
 def img2dataset_command(exe: Path, url_list: Path, output: Path, s: Settings) -> list[str]:
@@ -366,8 +373,8 @@ def ours_command(url_list: Path, output: Path, s: Settings) -> list[str]:
         "--timeout", str(s.timeout),
         "--running_mode", s.running_mode,
     ]
-    if s.batch_size:
-        cmd += ["--batch_size", str(s.batch_size)]
+    if s.in_flight:
+        cmd += ["--in_flight", str(s.in_flight)]
     return cmd
 
 
@@ -397,7 +404,7 @@ def build_ingest(p: Any, url_glob: str, output: str, s: Settings) -> Any:
         # the local image server listens on 127.0.0.1: exempt loopback from the address guard
         FetchConfig(timeout=float(s.timeout), retries=0, threads=s.threads,
                     allow_networks=("127.0.0.0/8",), processes=fetch_processes(s)),
-        batch_size=s.batch_size,
+        in_flight=s.in_flight,
         decode=ImageConfig(image_size=s.image_size, resize_mode=s.resize_mode,
                            encode_quality=s.encode_quality),
     )
@@ -655,8 +662,12 @@ def _parser() -> argparse.ArgumentParser:
                     "fastest measured on 2 cores at N=2000; multi_processing runs --processes "
                     "workers; multi_threading loses elements before a GroupByKey in Beam 2.77, "
                     "the tar count check flags it)")
-    ap.add_argument("--batch_size", type=int,
-                    help="records fetched concurrently per Fetch call (default: --threads)")
+    ap.add_argument("--in_flight", type=int,
+                    help="most fetches at once in ours (default: --threads x fetch processes)")
+    ap.add_argument("--stragglers", default="0.02:3",
+                    help="FRACTION:SECONDS: one more round of each tool at the smallest N in "
+                    "which that share of the URLs answers after that many seconds, as slow "
+                    "and dying hosts do on the web (default %(default)s; 0:0 skips it)")
     ap.add_argument("--repeats", type=int, default=3,
                     help="measured rounds after the warm-up, alternating which tool goes first")
     ap.add_argument("--warmup", type=int, default=200,
@@ -680,6 +691,18 @@ def _parser() -> argparse.ArgumentParser:
     return ap
 
 
+def stragglers(args: argparse.Namespace) -> tuple[float, float] | None:
+    """``--stragglers FRACTION:SECONDS`` as (fraction, seconds); None when either is 0."""
+    try:
+        fraction, seconds = (float(x) for x in str(args.stragglers).split(":"))
+    except ValueError:
+        raise SystemExit(f"--stragglers: FRACTION:SECONDS, not {args.stragglers!r}") from None
+    if not 0 <= fraction <= 1 or seconds < 0:
+        raise SystemExit(f"--stragglers: a fraction in [0, 1] and seconds >= 0, not "
+                         f"{args.stragglers!r}")
+    return (fraction, seconds) if fraction > 0 and seconds > 0 else None
+
+
 def sizes(args: argparse.Namespace) -> list[int]:
     """The N values of ``--n`` (``"2000,8000"``), in the order given."""
     ns = [int(x) for x in str(args.n).split(",") if x.strip()]
@@ -695,7 +718,7 @@ def settings(args: argparse.Namespace, n: int | None = None) -> Settings:
         processes=args.processes, threads=args.threads, image_size=args.image_size,
         resize_mode=args.resize_mode, encode_quality=args.encode_quality,
         samples_per_shard=per_shard, timeout=args.timeout, running_mode=args.running_mode,
-        batch_size=args.batch_size,
+        in_flight=args.in_flight,
     )
 
 
@@ -918,6 +941,19 @@ def benchmark(args: argparse.Namespace) -> dict[str, RunResult]:
                     runs[tool].append(r)
             all_runs[n] = runs
             results[n] = {t: median_run(rs) for t, rs in runs.items()}
+        slow_runs: dict[str, RunResult] = {}
+        slow = stragglers(args)
+        if slow:
+            n = min(ns)
+            urls = write_url_list(work / f"urls-slow-{n}" / "urls.parquet", server.base_url,
+                                  all_captions[:n], slow)
+            for tool in tools:
+                out = work / f"out-{tool}"
+                r = measure(tool, command(tool, urls, out, settings(args, n)), out, server,
+                            work / f"{tool}-{n}-slow.log", args.run_timeout)
+                log.info("N=%d with stragglers %s: %d samples in %.2fs (%.1f img/s)", n, tool,
+                         r.samples, r.wall_s, r.img_per_s)
+                slow_runs[tool] = r
         base_url = server.base_url
     if limit is not None:
         print()
@@ -952,6 +988,15 @@ def benchmark(args: argparse.Namespace) -> dict[str, RunResult]:
         r = ratio(best)
         if r is not None and len(ns) > 1:
             print(f"ratio N={n}: {r:.2f}")
+    if slow_runs:
+        n = min(ns)
+        print()
+        print(f"perf-ingest with stragglers: N={n}, as above, but {slow[0]:.0%} of the URLs "
+              f"(every {round(1 / slow[0])}th) answer after {slow[1]:g} s; one round each")
+        print(table(list(slow_runs.values()), n))
+        r = ratio(slow_runs)
+        if r is not None:
+            print(f"ratio N={n} with stragglers: {r:.2f}")
     print()
     print("wall = whole command incl. interpreter/runner start-up; startup = command start -> "
           "first request at the server; active = first request -> last shard tar written (tail = "
@@ -961,7 +1006,8 @@ def benchmark(args: argparse.Namespace) -> dict[str, RunResult]:
           "process tree, sampled every 0.1 s (RSS charges a forked worker again for the pages "
           "it shares with its parent; PSS splits them; PSS every 0.5 s)")
     benchmark.all_ok = all(  # type: ignore[attr-defined]
-        r.rc == 0 and r.samples == n for n, best in results.items() for r in best.values())
+        r.rc == 0 and r.samples == n for n, best in results.items() for r in best.values()) \
+        and all(r.rc == 0 and r.samples == min(ns) for r in slow_runs.values())
     return results[ns[-1]]
 
 

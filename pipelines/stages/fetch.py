@@ -1,15 +1,25 @@
 """Fetch: turn a record's ``url`` into bytes, or a ``Reject`` saying why not.
 
 The pure part is :func:`fetch_url` (one URL) and :class:`Fetcher` (many URLs in flight from one
-worker, like img2dataset's downloader threads). The Beam part is :class:`FetchDoFn`, which takes
-a *batch* of records so that a whole batch is downloaded concurrently, and :class:`Fetch`.
+worker, like img2dataset's downloader threads). The Beam part is :class:`FetchDoFn` and
+:class:`Fetch`.
+
+**Streaming, not batches.** :class:`FetchDoFn` keeps up to ``threads x processes`` fetches in
+flight and emits each record as soon as *its* fetch is done, whatever the others do; a new
+fetch starts as each one ends. A slow or dead host therefore holds one thread for up to its
+deadline, never the records fetched beside it (fetching in batches waited for the slowest
+fetch of every batch: with 2% of URLs answering in 3 s, a 2000-image build took 5x longer
+than img2dataset's; see ``make perf-ingest``'s straggler row). The rest of the bundle's
+fetches finish in ``finish_bundle``; their records leave in the global window, where they
+live.
 
 **Worker processes.** ``FetchConfig.processes`` > 1 moves fetching (and decoding, with
-``decode``) into that many forked processes per Beam worker, each with its own ``threads``
-threads, pool and watchdog, so the per-request Python and Pillow's Python parts leave the
-worker's GIL; batches stay in flight while the worker emits earlier ones (the last in
-``finish_bundle``, in the global window, where the records live). For a local build's single
-in-memory worker; a cluster's runner already runs a worker per core.
+``decode``) into that many forked processes per Beam worker (:class:`FetchProcesses`), each
+with its own ``threads`` threads, pool and watchdog, so the per-request Python and Pillow's
+Python parts leave the worker's GIL. URLs go to the process with the fewest in flight, one at
+a time, and each result comes back as soon as it is ready. For a local build's single
+in-memory worker (the recipes' ``--fetch_processes auto``); a cluster's runner already runs a
+worker per core.
 
 Rows of LAION-style web parquet are untrusted input, so fetching is built like a careful crawler:
 
@@ -70,7 +80,6 @@ carries the exception). Nothing here raises for a bad URL.
 
 from __future__ import annotations
 
-import collections
 import concurrent.futures
 import dataclasses
 import email.utils
@@ -80,6 +89,7 @@ import ipaddress
 import itertools
 import logging
 import os
+import queue
 import re
 import socket
 import ssl
@@ -1047,16 +1057,21 @@ class Fetcher:
         ``then``: applied to each body inside the fetching thread, so that CPU work (decoding:
         PIL releases the GIL) overlaps with the other downloads; a result is then either the
         fetch's ``Reject`` or ``(len(body), then(body))``."""
+        return [f.result() for f in [self.submit(url, then) for url in urls]]
+
+    def submit(self, url: str | None, then: Callable[[bytes], Any] | None = None
+               ) -> concurrent.futures.Future:
+        """Start fetching ``url`` in the pool; the future's result is what :meth:`fetch_many`
+        gives for it."""
         if self._closed:
             raise RuntimeError("Fetcher is closed")
-        if then is None:
-            return list(self._pool.map(self.fetch, urls))
+        return self._pool.submit(self._fetch_then, url, then)
 
-        def fetch_then(url: str | None) -> Any:
-            body = self.fetch(url)
-            return body if isinstance(body, Reject) else (len(body), then(body))
-
-        return list(self._pool.map(fetch_then, urls))
+    def _fetch_then(self, url: str | None, then: Callable[[bytes], Any] | None) -> Any:
+        body = self.fetch(url)
+        if then is None or isinstance(body, Reject):
+            return body
+        return len(body), then(body)
 
     def close(self) -> None:
         with self._lock:
@@ -1080,75 +1095,214 @@ def outcome_name(outcome: bytes | Reject) -> str:
     return outcome.reason if isinstance(outcome, Reject) else "ok"
 
 
-_CHILD: dict[str, Any] = {}
+def _decode_share(decode: Any, processes: int) -> Any:
+    """``decode`` (an ``ImageConfig``) for one of ``processes`` fetch processes: the decode
+    slots (at most that many pictures decoded at once; by default the cores) are the
+    machine's, so each process gets its share, and the bound on pictures in decoding stays
+    what it is with one process. A ``decode_slots`` given explicitly is kept."""
+    if decode is None or decode.decode_slots is not None:
+        return decode
+    from pipelines import image_guard
+
+    return dataclasses.replace(
+        decode, decode_slots=max(1, image_guard.core_count() // max(1, processes)))
 
 
-def _child_init(cfg: FetchConfig) -> None:
-    """In a fetch worker process: its own Fetcher (threads, pool, watchdog).
+def _child_main(conn: Any, inherited: list[Any], cfg: FetchConfig, decode: Any) -> None:
+    """A fetch process: ``(seq, url)`` messages in, ``(seq, ok, result)`` replies out as each
+    fetch ends (``ok`` False: the text of an unexpected exception); ``None`` stops it.
 
     The objects inherited from the parent (a recipe's worker may hold models) move to the
     collector's permanent generation, so this process's collections never write to their
     pages and they stay shared with the parent instead of being copied."""
     import gc
 
+    for other in inherited:  # the other processes' pipe ends: their EOFs must not wait on us
+        other.close()
     gc.freeze()
-    _CHILD["fetcher"] = Fetcher(dataclasses.replace(cfg, processes=1))
-    _CHILD["processes"] = cfg.processes
+    fetcher = Fetcher(dataclasses.replace(cfg, processes=1))
+    then = None
+    decode = _decode_share(decode, cfg.processes)
+    if decode is not None:
+        from pipelines.stages import images
+
+        then = functools.partial(images.normalise_image, cfg=decode)
+    lock = threading.Lock()
+
+    def reply(seq: int, future: concurrent.futures.Future) -> None:
+        try:
+            msg = (seq, True, future.result())
+        except BaseException as e:  # noqa: BLE001 — a bug, not bad input: the parent raises it
+            msg = (seq, False, f"{type(e).__name__}: {e}")
+        with lock:
+            try:
+                conn.send(msg)
+            except (OSError, ValueError):  # the parent has gone
+                pass
+
+    try:
+        while (msg := conn.recv()) is not None:
+            seq, url = msg
+            fetcher.submit(url, then).add_done_callback(functools.partial(reply, seq))
+    except (EOFError, OSError, KeyboardInterrupt):
+        pass
+    finally:
+        fetcher.close()  # every fetch in flight ends by its deadline
+        conn.close()
 
 
-def _child_fetch(urls: list[Any], decode: Any) -> list[Any]:
-    """In a fetch worker process: what ``Fetcher.fetch_many`` gives for ``urls`` (decoded
-    with ``decode``, an ``ImageConfig``, when given).
+class FetchProcesses:
+    """``cfg.processes`` forked fetch processes, fed one URL at a time.
 
-    The decode slots (at most that many pictures decoded at once, by default the cores) are
-    the machine's, not each process's: with ``processes`` processes, each gets its share, so
-    that the memory bound on pictures in decoding stays what it is with one process."""
-    fetcher: Fetcher = _CHILD["fetcher"]
-    if decode is None:
-        return fetcher.fetch_many(urls)
-    from pipelines import image_guard
-    from pipelines.stages import images
+    :meth:`submit` hands a URL to the process with the fewest fetches in flight and returns a
+    future of what ``Fetcher.fetch_many`` would give for it (decoded with ``decode``, an
+    ``ImageConfig``, when given); a reader thread completes each future as its reply arrives.
+    A process that dies (killed, or crashed in native code) fails the futures it held with a
+    ``RuntimeError`` naming its exit code, and takes no more URLs."""
 
-    if decode.decode_slots is None:
-        decode = dataclasses.replace(
-            decode, decode_slots=max(1, image_guard.core_count() // _CHILD["processes"]))
-    return fetcher.fetch_many(urls, functools.partial(images.normalise_image, cfg=decode))
+    def __init__(self, cfg: FetchConfig, decode: Any = None) -> None:
+        import multiprocessing
+
+        ctx = multiprocessing.get_context("fork")
+        n = cfg.processes
+        pipes = [ctx.Pipe() for _ in range(n)]
+        self._conns = [parent for parent, _ in pipes]
+        self._procs = []
+        for i, (_, child) in enumerate(pipes):
+            inherited = [c for pair in pipes for c in pair if c is not child]
+            proc = ctx.Process(target=_child_main, args=(child, inherited, cfg, decode),
+                               name=f"fetch-{i}", daemon=True)
+            proc.start()
+            self._procs.append(proc)
+        for _, child in pipes:
+            child.close()
+        self._deadline = cfg.deadline
+        self._lock = threading.Lock()
+        self._futures: dict[int, tuple[int, concurrent.futures.Future]] = {}
+        self._load = [0] * n
+        self._alive = [True] * n
+        self._seq = itertools.count()
+        self._closing = False
+        self._reader = threading.Thread(target=self._read, name="fetch-replies", daemon=True)
+        self._reader.start()
+
+    def submit(self, url: str | None) -> concurrent.futures.Future:
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        with self._lock:
+            live = [i for i, alive in enumerate(self._alive) if alive]
+            if self._closing or not live:
+                raise RuntimeError("the fetch processes are closed" if self._closing else
+                                   "every fetch process has died; see the errors above")
+            i = min(live, key=self._load.__getitem__)
+            seq = next(self._seq)
+            self._futures[seq] = (i, future)
+            self._load[i] += 1
+            self._conns[i].send((seq, url))
+        return future
+
+    def _read(self) -> None:
+        from multiprocessing.connection import wait
+
+        live = {conn: i for i, conn in enumerate(self._conns)}
+        while live:
+            for conn in wait(list(live)):
+                try:
+                    seq, ok, value = conn.recv()
+                except (EOFError, OSError):
+                    self._lost(live.pop(conn))
+                    continue
+                with self._lock:
+                    i, future = self._futures.pop(seq)
+                    self._load[i] -= 1
+                if ok:
+                    future.set_result(value)
+                else:
+                    future.set_exception(RuntimeError(f"fetch process {i}: {value}"))
+
+    def _lost(self, i: int) -> None:
+        """Process ``i``'s pipe closed: it stopped (closing) or died (its futures fail)."""
+        proc = self._procs[i]
+        proc.join(1.0)
+        with self._lock:
+            self._alive[i] = False
+            held = [(seq, f) for seq, (j, f) in self._futures.items() if j == i]
+            for seq, _ in held:
+                del self._futures[seq]
+        if held:
+            error = RuntimeError(f"fetch process {proc.name} (pid {proc.pid}) exited with code "
+                                 f"{proc.exitcode} holding {len(held)} fetch(es)")
+            log.error("%s", error)
+            for _, future in held:
+                future.set_exception(error)
+
+    def close(self) -> None:
+        """Stop the processes once their fetches in flight end (each by its deadline)."""
+        with self._lock:
+            if self._closing:
+                return
+            self._closing = True
+            for conn in self._conns:
+                try:
+                    conn.send(None)
+                except (OSError, ValueError):
+                    pass
+        for proc in self._procs:
+            proc.join(self._deadline + 10)
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+        self._reader.join(10)
+        for conn in self._conns:
+            conn.close()
 
 
 class FetchDoFn(beam.DoFn):
-    """Batch of records → each record with ``_body`` (main) or its reject row (``rejects``).
+    """Records → each record with ``_body`` (main) or its reject row (``rejects``).
 
-    Takes the lists that ``beam.BatchElements`` produces so that a whole batch is in flight at
-    once; a single record (a dict) is accepted too. With ``decode`` (an ``ImageConfig``), each
-    body is decoded in its fetching thread and the main output is what ``DecodeDoFn`` would
-    have made of it (decode rejects go to ``rejects`` with stage ``decode``).
+    Streams (see the module docs): up to ``in_flight`` fetches (default ``threads x
+    processes``) run at once, each record leaves as its own fetch ends, and the bundle's last
+    ones leave in ``finish_bundle``. A list of records (``beam.BatchElements``' output) is
+    taken too. With ``decode`` (an ``ImageConfig``), each body is decoded where it was
+    fetched and the main output is what ``DecodeDoFn`` would have made of it (decode rejects
+    go to ``rejects`` with stage ``decode``).
     """
 
-    def __init__(self, cfg: FetchConfig | None = None, decode: Any = None) -> None:
+    def __init__(self, cfg: FetchConfig | None = None, decode: Any = None,
+                 in_flight: int | None = None) -> None:
         self.cfg = cfg or FetchConfig()
         self.decode = decode
+        self.in_flight = in_flight
         self._fetcher: Fetcher | None = None
+        self._procs: FetchProcesses | None = None
         self._counters: dict[str, Any] = {}
 
     def setup(self) -> None:
-        self._fetcher = Fetcher(self.cfg)
+        if self.cfg.processes > 1:
+            self._procs = FetchProcesses(self.cfg, self.decode)
+        else:
+            self._fetcher = Fetcher(self.cfg)
+            if self.decode is not None:
+                from pipelines.stages import images
+
+                self._then = functools.partial(images.normalise_image, cfg=self.decode)
+            else:
+                self._then = None
+        self._limit = max(1, self.in_flight or self.cfg.threads * self.cfg.processes)
         self._bytes = beam.metrics.Metrics.distribution(STAGE, "bytes")
         self._progress = Progress(STAGE)
-        self._procs: Any = None
-        self._inflight: collections.deque = collections.deque()
-        if self.cfg.processes > 1:
-            import multiprocessing
+        self.start_bundle()
 
-            self._procs = concurrent.futures.ProcessPoolExecutor(
-                max_workers=self.cfg.processes, mp_context=multiprocessing.get_context("fork"),
-                initializer=_child_init, initargs=(self.cfg,))
+    def start_bundle(self) -> None:
+        # a failed attempt's fetches still in flight complete into the old queue, unseen
+        self._pending: dict[concurrent.futures.Future, tuple[dict[str, Any], Any]] = {}
+        self._done: queue.SimpleQueue = queue.SimpleQueue()
 
     def teardown(self) -> None:
         if self._fetcher is not None:
             self._fetcher.close()
             self._fetcher = None
-        if getattr(self, "_procs", None) is not None:
-            self._procs.shutdown(wait=True, cancel_futures=True)
+        if self._procs is not None:
+            self._procs.close()
             self._procs = None
 
     def _count(self, name: str, stage: str = STAGE) -> None:
@@ -1157,65 +1311,42 @@ class FetchDoFn(beam.DoFn):
             counter = self._counters[stage, name] = beam.metrics.Metrics.counter(stage, name)
         counter.inc()
 
-    def process(self, batch: list[dict[str, Any]] | dict[str, Any],
+    def process(self, element: list[dict[str, Any]] | dict[str, Any],
                 timestamp: Any = beam.DoFn.TimestampParam,
                 window: Any = beam.DoFn.WindowParam) -> Iterator[Any]:
-        records = [batch] if isinstance(batch, dict) else list(batch)
-        if self._fetcher is None:  # runners call setup(); this is for direct use
+        if self._fetcher is None and self._procs is None:  # runners call setup()
             self.setup()
-        assert self._fetcher is not None
-        urls = [r.get("url") for r in records]
-        if getattr(self, "_procs", None) is not None:
-            yield from self._in_processes(records, urls, (timestamp, window))
-            return
-        if self.decode is not None:
-            from pipelines.stages import images
-
-            outcomes = self._fetcher.fetch_many(
-                urls, functools.partial(images.normalise_image, cfg=self.decode))
-            emit = self._decoded_outputs
-        else:
-            outcomes = self._fetcher.fetch_many(urls)
-            emit = self._outputs
-        for record, outcome in zip(records, outcomes, strict=True):
-            yield from emit(record, outcome)
-
-    def _in_processes(self, records: list[dict[str, Any]], urls: list[Any],
-                      where: tuple[Any, Any]) -> Iterator[Any]:
-        """Hand the batch to the worker processes; emit the batches handed over before it
-        once more than two are in flight (the rest in ``finish_bundle``), so the processes
-        keep fetching while this thread emits."""
-        n = self.cfg.processes
-        step = -(-len(urls) // n)
-        futures = [self._procs.submit(_child_fetch, urls[i : i + step], self.decode)
-                   for i in range(0, len(urls), step)]
-        self._inflight.append((records, futures, where))
-        while len(self._inflight) > 2:
-            yield from self._windowed(*self._emit_oldest())
-
-    def _emit_oldest(self) -> tuple[tuple[Any, Any], Iterator[Any]]:
-        """(timestamp and window of the oldest batch in flight, its outputs)."""
-        records, futures, where = self._inflight.popleft()
-        outcomes = [o for f in futures for o in f.result()]
-        emit = self._outputs if self.decode is None else self._decoded_outputs
-        return where, (out for record, outcome in zip(records, outcomes, strict=True)
-                       for out in emit(record, outcome))
+        for record in [element] if isinstance(element, dict) else element:
+            url = record.get("url")
+            if self._procs is not None:
+                future = self._procs.submit(url)
+            else:
+                assert self._fetcher is not None
+                future = self._fetcher.submit(url, self._then)
+            self._pending[future] = (record, (timestamp, window))
+            future.add_done_callback(self._done.put)
+            while len(self._pending) >= self._limit:
+                yield from self._emit(self._done.get())
+        while not self._done.empty():  # whatever else has ended meanwhile
+            yield from self._emit(self._done.get())
 
     def finish_bundle(self) -> Iterator[Any]:
-        while getattr(self, "_inflight", None):
-            yield from self._windowed(*self._emit_oldest())
+        while self._pending:
+            yield from self._emit(self._done.get())
 
-    @staticmethod
-    def _windowed(where: tuple[Any, Any], outs: Iterable[Any]) -> Iterator[Any]:
-        """``outs`` in the window (and at the timestamp) of the batch they came from."""
+    def _emit(self, future: concurrent.futures.Future) -> Iterator[Any]:
+        """The outputs of a finished fetch, in the window (and at the timestamp) of its
+        record."""
         from apache_beam.transforms.window import GlobalWindow
         from apache_beam.utils.timestamp import MIN_TIMESTAMP
         from apache_beam.utils.windowed_value import WindowedValue
 
-        timestamp, window = where
+        record, (timestamp, window) = self._pending.pop(future)
+        outcome = future.result()  # an unexpected exception (a bug) fails the bundle
         if not isinstance(window, beam.transforms.window.BoundedWindow):  # direct use
             timestamp, window = MIN_TIMESTAMP, GlobalWindow()
-        for out in outs:
+        emit = self._outputs if self.decode is None else self._decoded_outputs
+        for out in emit(record, outcome):
             if isinstance(out, beam.pvalue.TaggedOutput):
                 yield beam.pvalue.TaggedOutput(
                     out.tag, WindowedValue(out.value, timestamp, (window,)))
@@ -1251,24 +1382,19 @@ class Fetch(beam.PTransform):
     """Records → ``{"records": records with _body, "rejects": reject rows}`` (a DoOutputsTuple;
     the stage output contract of ``pipelines.records``).
 
-    ``batch_size`` records are fetched concurrently per call (default: ``cfg.threads``).
-    ``decode``: an ``images.ImageConfig`` to decode each body in its fetching thread; ``ok``
-    then holds decoded records (``_image`` and the image fields, no ``_body``) and
-    ``rejects`` the decode rejects too.
+    ``in_flight``: the most fetches at once per worker (default ``cfg.threads x
+    cfg.processes``). ``decode``: an ``images.ImageConfig`` to decode each body where it was
+    fetched; ``ok`` then holds decoded records (``_image`` and the image fields, no ``_body``)
+    and ``rejects`` the decode rejects too.
     """
 
-    def __init__(self, cfg: FetchConfig | None = None, batch_size: int | None = None,
-                 decode: Any = None) -> None:
+    def __init__(self, cfg: FetchConfig | None = None, decode: Any = None,
+                 in_flight: int | None = None) -> None:
         super().__init__()
         self.cfg = cfg or FetchConfig()
-        self.batch_size = batch_size or self.cfg.threads
         self.decode = decode
+        self.in_flight = in_flight
 
     def expand(self, records: beam.PCollection) -> Any:
-        return (
-            records
-            | "Batch"
-            >> beam.BatchElements(min_batch_size=self.batch_size, max_batch_size=self.batch_size)
-            | "Fetch" >> beam.ParDo(FetchDoFn(self.cfg, self.decode))
-            .with_outputs(REJECTS, main=MAIN)
-        )
+        return records | "Fetch" >> beam.ParDo(
+            FetchDoFn(self.cfg, self.decode, self.in_flight)).with_outputs(REJECTS, main=MAIN)
