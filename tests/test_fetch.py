@@ -7,6 +7,7 @@ itself included, are in ``test_fetch_hostile.py``)."""
 from __future__ import annotations
 
 import os
+import re
 import socket
 import threading
 import time
@@ -701,9 +702,9 @@ def test_a_slow_fetch_holds_one_slot_not_the_records_beside_it(demo_server, proc
 
 def test_a_fetch_process_that_dies_fails_its_fetches_with_its_exit_code(demo_server,
                                                                         demo_root):
-    """A fetch process killed (or crashed in native code) while holding fetches: they fail
-    with an error naming its exit code (the bundle fails; no record is silently lost), and
-    the other process takes the next URLs."""
+    """A fetch process killed (or crashed in native code) while holding fetches: each gives
+    an error naming its exit code (FetchDoFn raises it, failing the bundle: no record is
+    silently lost), and the other process takes the next URLs."""
     import dataclasses
     import signal
 
@@ -711,15 +712,16 @@ def test_a_fetch_process_that_dies_fails_its_fetches_with_its_exit_code(demo_ser
 
     procs = FetchProcesses(dataclasses.replace(FAST, processes=2, deadline=10.0))
     try:
-        first = procs.submit(demo_server.url("/slow/3/img/a.jpg"))
-        second = procs.submit(demo_server.url("/slow/3/img/a.jpg"))  # the other process
-        victim = procs._procs[0]
+        slow = demo_server.url("/slow/3/img/a.jpg")
+        procs.submit([(1, slow), (2, slow)])  # one each: the least loaded process first
         time.sleep(0.3)
-        os.kill(victim.pid, signal.SIGKILL)
-        with pytest.raises(RuntimeError, match=r"fetch-0 .* exited with code -9 holding 1"):
-            first.result(timeout=10)
-        assert second.result(timeout=10) == body_of(demo_root, "a.jpg")
-        after = procs.submit(demo_server.url("/img/b.png"))
-        assert isinstance(after.result(timeout=10), bytes)
+        os.kill(procs._procs[0].pid, signal.SIGKILL)
+        token, ok, error = procs.results.get(timeout=10)
+        assert (token, ok) == (1, False)
+        assert re.search(r"fetch-0 \(pid \d+\) exited with code -9 holding 1 fetch", str(error))
+        procs.submit([(3, demo_server.url("/img/b.png"))])  # to the live one
+        got = dict((t, (o, v)) for t, o, v in (procs.results.get(timeout=10) for _ in range(2)))
+        assert got[2] == (True, body_of(demo_root, "a.jpg"))
+        assert got[3] == (True, body_of(demo_root, "b.png"))
     finally:
         procs.close()

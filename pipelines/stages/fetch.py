@@ -1109,8 +1109,9 @@ def _decode_share(decode: Any, processes: int) -> Any:
 
 
 def _child_main(conn: Any, inherited: list[Any], cfg: FetchConfig, decode: Any) -> None:
-    """A fetch process: ``(seq, url)`` messages in, ``(seq, ok, result)`` replies out as each
-    fetch ends (``ok`` False: the text of an unexpected exception); ``None`` stops it.
+    """A fetch process: lists of ``(token, url)`` in; out, lists of ``(token, ok, result)``
+    replies (every fetch that has ended since the last list; ``ok`` False: the text of an
+    unexpected exception); ``None`` stops it.
 
     The objects inherited from the parent (a recipe's worker may hold models) move to the
     collector's permanent generation, so this process's collections never write to their
@@ -1127,38 +1128,61 @@ def _child_main(conn: Any, inherited: list[Any], cfg: FetchConfig, decode: Any) 
         from pipelines.stages import images
 
         then = functools.partial(images.normalise_image, cfg=decode)
-    lock = threading.Lock()
+    replies: queue.SimpleQueue = queue.SimpleQueue()
 
-    def reply(seq: int, future: concurrent.futures.Future) -> None:
-        try:
-            msg = (seq, True, future.result())
-        except BaseException as e:  # noqa: BLE001 — a bug, not bad input: the parent raises it
-            msg = (seq, False, f"{type(e).__name__}: {e}")
-        with lock:
+    def send() -> None:
+        while (reply := replies.get()) is not None:
+            batch = [reply]
+            while True:
+                try:
+                    reply = replies.get_nowait()
+                except queue.Empty:
+                    break
+                if reply is None:
+                    replies.put(None)  # stop after this list
+                    break
+                batch.append(reply)
             try:
-                conn.send(msg)
+                conn.send(batch)
             except (OSError, ValueError):  # the parent has gone
-                pass
+                return
 
+    sender = threading.Thread(target=send, name="fetch-replies", daemon=True)
+    sender.start()
     try:
         while (msg := conn.recv()) is not None:
-            seq, url = msg
-            fetcher.submit(url, then).add_done_callback(functools.partial(reply, seq))
+            for token, url in msg:
+                fetcher.submit(url, then).add_done_callback(
+                    functools.partial(_put_outcome, replies, token, text=True))
     except (EOFError, OSError, KeyboardInterrupt):
         pass
     finally:
         fetcher.close()  # every fetch in flight ends by its deadline
+        replies.put(None)
+        sender.join()
         conn.close()
+
+
+def _put_outcome(into: queue.SimpleQueue, token: int, future: concurrent.futures.Future,
+                 text: bool = False) -> None:
+    """``(token, True, result)`` of a finished fetch, or ``(token, False, exception)`` (its
+    text, for a pipe) into ``into``."""
+    try:
+        into.put((token, True, future.result()))
+    except BaseException as e:  # noqa: BLE001 — a bug, not bad input: the DoFn raises it
+        into.put((token, False, f"{type(e).__name__}: {e}" if text else e))
 
 
 class FetchProcesses:
     """``cfg.processes`` forked fetch processes, fed one URL at a time.
 
-    :meth:`submit` hands a URL to the process with the fewest fetches in flight and returns a
-    future of what ``Fetcher.fetch_many`` would give for it (decoded with ``decode``, an
-    ``ImageConfig``, when given); a reader thread completes each future as its reply arrives.
-    A process that dies (killed, or crashed in native code) fails the futures it held with a
-    ``RuntimeError`` naming its exit code, and takes no more URLs."""
+    :meth:`submit` hands each URL to the process with the fewest fetches in flight (the
+    URLs given together go in one message to each process); as fetches
+    end, ``(token, True, result)`` lands in :attr:`results` (the result being what
+    ``Fetcher.fetch_many`` gives for the URL, decoded with ``decode``, an ``ImageConfig``,
+    when given), or ``(token, False, exception)`` for an unexpected error. A process that
+    dies (killed, or crashed in native code) gives a ``RuntimeError`` naming its exit code
+    for each fetch it held, and takes no more URLs."""
 
     def __init__(self, cfg: FetchConfig, decode: Any = None) -> None:
         import multiprocessing
@@ -1176,29 +1200,31 @@ class FetchProcesses:
             self._procs.append(proc)
         for _, child in pipes:
             child.close()
+        self.results: queue.SimpleQueue = queue.SimpleQueue()
         self._deadline = cfg.deadline
         self._lock = threading.Lock()
-        self._futures: dict[int, tuple[int, concurrent.futures.Future]] = {}
+        self._where: dict[int, int] = {}  # token -> process
         self._load = [0] * n
         self._alive = [True] * n
-        self._seq = itertools.count()
         self._closing = False
-        self._reader = threading.Thread(target=self._read, name="fetch-replies", daemon=True)
+        self._reader = threading.Thread(target=self._read, name="fetch-results", daemon=True)
         self._reader.start()
 
-    def submit(self, url: str | None) -> concurrent.futures.Future:
-        future: concurrent.futures.Future = concurrent.futures.Future()
+    def submit(self, items: Sequence[tuple[int, str | None]]) -> None:
+        """Start fetching each ``(token, url)`` of ``items``."""
         with self._lock:
             live = [i for i, alive in enumerate(self._alive) if alive]
             if self._closing or not live:
                 raise RuntimeError("the fetch processes are closed" if self._closing else
                                    "every fetch process has died; see the errors above")
-            i = min(live, key=self._load.__getitem__)
-            seq = next(self._seq)
-            self._futures[seq] = (i, future)
-            self._load[i] += 1
-            self._conns[i].send((seq, url))
-        return future
+            parts: dict[int, list[tuple[int, str | None]]] = {}
+            for token, url in items:
+                i = min(live, key=self._load.__getitem__)
+                self._where[token] = i
+                self._load[i] += 1
+                parts.setdefault(i, []).append((token, url))
+            for i, part in parts.items():
+                self._conns[i].send(part)
 
     def _read(self) -> None:
         from multiprocessing.connection import wait
@@ -1207,33 +1233,32 @@ class FetchProcesses:
         while live:
             for conn in wait(list(live)):
                 try:
-                    seq, ok, value = conn.recv()
+                    batch = conn.recv()
                 except (EOFError, OSError):
                     self._lost(live.pop(conn))
                     continue
                 with self._lock:
-                    i, future = self._futures.pop(seq)
-                    self._load[i] -= 1
-                if ok:
-                    future.set_result(value)
-                else:
-                    future.set_exception(RuntimeError(f"fetch process {i}: {value}"))
+                    for token, _, _ in batch:
+                        self._load[self._where.pop(token)] -= 1
+                for token, ok, value in batch:
+                    self.results.put((token, ok, value if ok else RuntimeError(
+                        f"fetch process {live[conn]}: {value}")))
 
     def _lost(self, i: int) -> None:
-        """Process ``i``'s pipe closed: it stopped (closing) or died (its futures fail)."""
+        """Process ``i``'s pipe closed: it stopped (closing) or died (its fetches fail)."""
         proc = self._procs[i]
         proc.join(1.0)
         with self._lock:
             self._alive[i] = False
-            held = [(seq, f) for seq, (j, f) in self._futures.items() if j == i]
-            for seq, _ in held:
-                del self._futures[seq]
+            held = [token for token, j in self._where.items() if j == i]
+            for token in held:
+                del self._where[token]
         if held:
             error = RuntimeError(f"fetch process {proc.name} (pid {proc.pid}) exited with code "
                                  f"{proc.exitcode} holding {len(held)} fetch(es)")
             log.error("%s", error)
-            for _, future in held:
-                future.set_exception(error)
+            for token in held:
+                self.results.put((token, False, error))
 
     def close(self) -> None:
         """Stop the processes once their fetches in flight end (each by its deadline)."""
@@ -1277,25 +1302,41 @@ class FetchDoFn(beam.DoFn):
         self._counters: dict[str, Any] = {}
 
     def setup(self) -> None:
+        self._then = None
         if self.cfg.processes > 1:
             self._procs = FetchProcesses(self.cfg, self.decode)
+            self._results = self._procs.results
         else:
             self._fetcher = Fetcher(self.cfg)
+            self._results = queue.SimpleQueue()
             if self.decode is not None:
                 from pipelines.stages import images
 
                 self._then = functools.partial(images.normalise_image, cfg=self.decode)
-            else:
-                self._then = None
         self._limit = max(1, self.in_flight or self.cfg.threads * self.cfg.processes)
+        # URLs for the fetch processes go in small groups (one message, one wake-up of a
+        # process's reader, per group), sent before this thread waits and when one is full
+        self._group = max(1, min(16, self._limit // 8))
+        self._tokens = itertools.count()
         self._bytes = beam.metrics.Metrics.distribution(STAGE, "bytes")
         self._progress = Progress(STAGE)
         self.start_bundle()
 
     def start_bundle(self) -> None:
-        # a failed attempt's fetches still in flight complete into the old queue, unseen
-        self._pending: dict[concurrent.futures.Future, tuple[dict[str, Any], Any]] = {}
-        self._done: queue.SimpleQueue = queue.SimpleQueue()
+        # a failed attempt's fetches still in flight: their results are dropped on arrival
+        self._pending: dict[int, tuple[dict[str, Any], Any]] = {}
+        self._unsent: list[tuple[int, str | None]] = []
+
+    def _send(self) -> None:
+        if self._unsent:
+            assert self._procs is not None
+            self._procs.submit(self._unsent)
+            self._unsent = []
+
+    def _next(self) -> tuple[int, bool, Any]:
+        """The next finished fetch, once every URL handed over is on its way."""
+        self._send()
+        return self._results.get()
 
     def teardown(self) -> None:
         if self._fetcher is not None:
@@ -1317,32 +1358,39 @@ class FetchDoFn(beam.DoFn):
         if self._fetcher is None and self._procs is None:  # runners call setup()
             self.setup()
         for record in [element] if isinstance(element, dict) else element:
-            url = record.get("url")
+            token = next(self._tokens)
+            self._pending[token] = (record, (timestamp, window))
             if self._procs is not None:
-                future = self._procs.submit(url)
+                self._unsent.append((token, record.get("url")))
+                if len(self._unsent) >= self._group:
+                    self._send()
             else:
                 assert self._fetcher is not None
-                future = self._fetcher.submit(url, self._then)
-            self._pending[future] = (record, (timestamp, window))
-            future.add_done_callback(self._done.put)
+                self._fetcher.submit(record.get("url"), self._then).add_done_callback(
+                    functools.partial(_put_outcome, self._results, token))
             while len(self._pending) >= self._limit:
-                yield from self._emit(self._done.get())
-        while not self._done.empty():  # whatever else has ended meanwhile
-            yield from self._emit(self._done.get())
+                yield from self._emit(self._next())
+        while not self._results.empty():  # whatever else has ended meanwhile
+            yield from self._emit(self._results.get())
 
     def finish_bundle(self) -> Iterator[Any]:
         while self._pending:
-            yield from self._emit(self._done.get())
+            yield from self._emit(self._next())
 
-    def _emit(self, future: concurrent.futures.Future) -> Iterator[Any]:
+    def _emit(self, result: tuple[int, bool, Any]) -> Iterator[Any]:
         """The outputs of a finished fetch, in the window (and at the timestamp) of its
         record."""
         from apache_beam.transforms.window import GlobalWindow
         from apache_beam.utils.timestamp import MIN_TIMESTAMP
         from apache_beam.utils.windowed_value import WindowedValue
 
-        record, (timestamp, window) = self._pending.pop(future)
-        outcome = future.result()  # an unexpected exception (a bug) fails the bundle
+        token, ok, outcome = result
+        entry = self._pending.pop(token, None)
+        if entry is None:  # a fetch of a failed attempt at an earlier bundle
+            return
+        if not ok:  # a bug, not bad input: fail the bundle with it
+            raise outcome
+        record, (timestamp, window) = entry
         if not isinstance(window, beam.transforms.window.BoundedWindow):  # direct use
             timestamp, window = MIN_TIMESTAMP, GlobalWindow()
         emit = self._outputs if self.decode is None else self._decoded_outputs
