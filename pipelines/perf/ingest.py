@@ -27,6 +27,11 @@ What is measured, and how (run ``python -m pipelines.perf.ingest --help`` for th
    the cores this process may use). Each tool's active-phase rate is printed as a share of
    that limit x cores.
 
+6. Stragglers (``--stragglers FRACTION:SECONDS``, default 2% of the URLs answering after
+   3 s): one more round of each tool at the smallest N, as slow and dying hosts do on the web.
+   A fetch that waits for the slowest URL of every batch collapses here (ours did, at 0.19x
+   img2dataset, before the fetch stage streamed); loopback alone never shows it.
+
 Run order: the per-core limit; one warm-up run of each tool on a small url list (page cache,
 ``.pyc`` files, the server's first connections), not reported; then, for each N of ``--n``
 (default 2000 and 8000), ``--repeats`` rounds, alternating which tool goes first; a table of
