@@ -720,7 +720,7 @@ def test_a_fetch_process_that_dies_fails_its_fetches_with_its_exit_code(demo_ser
         assert (token, ok) == (1, False)
         assert re.search(r"fetch-0 \(pid \d+\) exited with code -9 holding 1 fetch", str(error))
         procs.submit([(3, demo_server.url("/img/b.png"))])  # to the live one
-        got = dict((t, (o, v)) for t, o, v in (procs.results.get(timeout=10) for _ in range(2)))
+        got = {t: (o, v) for t, o, v in (procs.results.get(timeout=10) for _ in range(2))}
         assert got[2] == (True, body_of(demo_root, "a.jpg"))
         assert got[3] == (True, body_of(demo_root, "b.png"))
     finally:

@@ -16,8 +16,9 @@ live.
 **Worker processes.** ``FetchConfig.processes`` > 1 moves fetching (and decoding, with
 ``decode``) into that many forked processes per Beam worker (:class:`FetchProcesses`), each
 with its own ``threads`` threads, pool and watchdog, so the per-request Python and Pillow's
-Python parts leave the worker's GIL. URLs go to the process with the fewest in flight, one at
-a time, and each result comes back as soon as it is ready. For a local build's single
+Python parts leave the worker's GIL. Each URL goes to the process with the fewest in flight
+(in small groups, one message each), and results come back as they end (each process sends
+every result ready since its last message). For a local build's single
 in-memory worker (the recipes' ``--fetch_processes auto``); a cluster's runner already runs a
 worker per core.
 
@@ -1174,11 +1175,11 @@ def _put_outcome(into: queue.SimpleQueue, token: int, future: concurrent.futures
 
 
 class FetchProcesses:
-    """``cfg.processes`` forked fetch processes, fed one URL at a time.
+    """``cfg.processes`` forked fetch processes, fed URLs as they come.
 
-    :meth:`submit` hands each URL to the process with the fewest fetches in flight (the
-    URLs given together go in one message to each process); as fetches
-    end, ``(token, True, result)`` lands in :attr:`results` (the result being what
+    :meth:`submit` hands each URL to the process with the fewest fetches in flight (the URLs
+    given together go in one message to each process); as fetches end, ``(token, True,
+    result)`` lands in :attr:`results` (the result being what
     ``Fetcher.fetch_many`` gives for the URL, decoded with ``decode``, an ``ImageConfig``,
     when given), or ``(token, False, exception)`` for an unexpected error. A process that
     dies (killed, or crashed in native code) gives a ``RuntimeError`` naming its exit code
