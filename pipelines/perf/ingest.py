@@ -895,6 +895,7 @@ def benchmark(args: argparse.Namespace) -> dict[str, RunResult]:
     if unknown or not tools:
         raise SystemExit(f"--tools: unknown {sorted(unknown)}; use img2dataset and/or ours")
     ns = sizes(args)
+    slow = stragglers(args)  # a bad --stragglers fails now, not after the timed rounds
     exe = ensure_img2dataset(spec=args.img2dataset_spec) if "img2dataset" in tools else None
     work: Path = args.workdir
     work.mkdir(parents=True, exist_ok=True)
@@ -947,7 +948,6 @@ def benchmark(args: argparse.Namespace) -> dict[str, RunResult]:
             all_runs[n] = runs
             results[n] = {t: median_run(rs) for t, rs in runs.items()}
         slow_runs: dict[str, RunResult] = {}
-        slow = stragglers(args)
         if slow:
             n = min(ns)
             urls = write_url_list(work / f"urls-slow-{n}" / "urls.parquet", server.base_url,

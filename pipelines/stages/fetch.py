@@ -109,6 +109,9 @@ import urllib3
 import urllib3.exceptions as u3e
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
+from apache_beam.transforms.window import BoundedWindow, GlobalWindow
+from apache_beam.utils.timestamp import MIN_TIMESTAMP
+from apache_beam.utils.windowed_value import WindowedValue
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 from urllib3.util import parse_url
@@ -1109,6 +1112,16 @@ def _decode_share(decode: Any, processes: int) -> Any:
         decode, decode_slots=max(1, image_guard.core_count() // max(1, processes)))
 
 
+def _decoder(decode: Any) -> Callable[[bytes], Any] | None:
+    """What each fetched body goes through in its fetching thread: ``images.normalise_image``
+    with ``decode`` (an ``ImageConfig``), or nothing when ``decode`` is None."""
+    if decode is None:
+        return None
+    from pipelines.stages import images
+
+    return functools.partial(images.normalise_image, cfg=decode)
+
+
 def _child_main(conn: Any, inherited: list[Any], cfg: FetchConfig, decode: Any) -> None:
     """A fetch process: lists of ``(token, url)`` in; out, lists of ``(token, ok, result)``
     replies (every fetch that has ended since the last list; ``ok`` False: the text of an
@@ -1123,12 +1136,7 @@ def _child_main(conn: Any, inherited: list[Any], cfg: FetchConfig, decode: Any) 
         other.close()
     gc.freeze()
     fetcher = Fetcher(dataclasses.replace(cfg, processes=1))
-    then = None
-    decode = _decode_share(decode, cfg.processes)
-    if decode is not None:
-        from pipelines.stages import images
-
-        then = functools.partial(images.normalise_image, cfg=decode)
+    then = _decoder(_decode_share(decode, cfg.processes))
     replies: queue.SimpleQueue = queue.SimpleQueue()
 
     def send() -> None:
@@ -1303,17 +1311,13 @@ class FetchDoFn(beam.DoFn):
         self._counters: dict[str, Any] = {}
 
     def setup(self) -> None:
-        self._then = None
         if self.cfg.processes > 1:
             self._procs = FetchProcesses(self.cfg, self.decode)
             self._results = self._procs.results
         else:
             self._fetcher = Fetcher(self.cfg)
             self._results = queue.SimpleQueue()
-            if self.decode is not None:
-                from pipelines.stages import images
-
-                self._then = functools.partial(images.normalise_image, cfg=self.decode)
+            self._then = _decoder(self.decode)
         self._limit = max(1, self.in_flight or self.cfg.threads * self.cfg.processes)
         # URLs for the fetch processes go in small groups (one message, one wake-up of a
         # process's reader, per group), sent before this thread waits and when one is full
@@ -1381,10 +1385,6 @@ class FetchDoFn(beam.DoFn):
     def _emit(self, result: tuple[int, bool, Any]) -> Iterator[Any]:
         """The outputs of a finished fetch, in the window (and at the timestamp) of its
         record."""
-        from apache_beam.transforms.window import GlobalWindow
-        from apache_beam.utils.timestamp import MIN_TIMESTAMP
-        from apache_beam.utils.windowed_value import WindowedValue
-
         token, ok, outcome = result
         entry = self._pending.pop(token, None)
         if entry is None:  # a fetch of a failed attempt at an earlier bundle
@@ -1392,7 +1392,7 @@ class FetchDoFn(beam.DoFn):
         if not ok:  # a bug, not bad input: fail the bundle with it
             raise outcome
         record, (timestamp, window) = entry
-        if not isinstance(window, beam.transforms.window.BoundedWindow):  # direct use
+        if not isinstance(window, BoundedWindow):  # direct use
             timestamp, window = MIN_TIMESTAMP, GlobalWindow()
         emit = self._outputs if self.decode is None else self._decoded_outputs
         for out in emit(record, outcome):
