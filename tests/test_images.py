@@ -570,3 +570,24 @@ def test_phash_resize_is_pillows_lanczos_bit_for_bit() -> None:
         g = Image.fromarray(a, "L")
         want = np.asarray(g.resize((32, 32), Image.LANCZOS), np.float64)
         assert np.array_equal(_lanczos_32(g), want), (w, h, kind)
+
+
+def test_crop_reductions_in_one_product_are_each_crops_own_bit_for_bit() -> None:
+    """The centre crops' 32x32 reductions, made for all crops in two products, equal each
+    crop reduced alone (so the crop hashes are what they were), at sizes where a crop side
+    is exactly 32, under 32 (Pillow's own code) and odd."""
+    from pipelines.stages.images import _lanczos_32, _lanczos_32_crops
+
+    rng = np.random.default_rng(15)
+    sizes = [(128, 128), (128, 97), (255, 130), (34, 34), (33, 40), (200, 32), (31, 64)]
+    sizes += [tuple(int(v) for v in rng.integers(32, 300, 2)) for _ in range(40)]
+    for trial, (w, h) in enumerate(sizes):
+        a = (rng.integers(0, 2, (h, w)) * 255 if trial % 3 == 0
+             else rng.integers(0, 256, (h, w))).astype(np.uint8)
+        g = Image.fromarray(a, "L")
+        boxes = []
+        for s in (0.95, 0.90, 0.85, 0.80, 1.0):
+            dx, dy = (w - w * s) / 2, (h - h * s) / 2
+            boxes.append((round(dx), round(dy), round(w - dx), round(h - dy)))
+        for box, got in zip(boxes, _lanczos_32_crops(g, boxes), strict=True):
+            assert np.array_equal(got, _lanczos_32(g.crop(box))), (w, h, box)

@@ -186,6 +186,11 @@ def _exact_matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return out
 
 
+def _fixed_point(x: np.ndarray) -> np.ndarray:
+    """One of Pillow's passes rounded and clipped as it does: products back to 0..255."""
+    return np.clip(np.floor((x + _HALF) * _INV), 0, 255)
+
+
 def _lanczos_32(gray: Image.Image) -> np.ndarray:
     """``np.asarray(gray.resize((32, 32), Image.LANCZOS), float64)``, bit for bit, for a grey
     picture of at least 32x32: Pillow's two fixed-point passes (horizontal, then vertical,
@@ -196,18 +201,57 @@ def _lanczos_32(gray: Image.Image) -> np.ndarray:
         return np.asarray(gray.resize((32, 32), Image.LANCZOS), dtype=np.float64)
     x = np.asarray(gray, dtype=np.float64)
     if w != 32:
-        x = np.clip(np.floor((_exact_matmul(x, _lanczos_coefficients(w, 32)) + _HALF) * _INV),
-                    0, 255)
+        x = _fixed_point(_exact_matmul(x, _lanczos_coefficients(w, 32)))
     if h != 32:
-        x = np.clip(np.floor((_exact_matmul(_lanczos_coefficients(h, 32).T, x) + _HALF) * _INV),
-                    0, 255)
+        x = _fixed_point(_exact_matmul(_lanczos_coefficients(h, 32).T, x))
     return x
 
 
-def _phashes(grays: list[Image.Image]) -> list[str]:
-    """``imagehash.phash`` of each grey image (bit for bit), with the DCTs done in one batch."""
-    px = np.stack([_lanczos_32(g) for g in grays])
-    low = scipy.fftpack.dct(scipy.fftpack.dct(px, axis=1), axis=2)[:, :8, :8].reshape(len(grays), 64)
+def _coefficients_or_identity(in_size: int) -> np.ndarray:
+    """The pass's coefficients for ``in_size`` → 32; Pillow skips a pass whose side is
+    already 32, which the identity at full precision reproduces (x + ½ floored is x)."""
+    if in_size == 32:
+        return np.eye(32) * float(1 << _PRECISION_BITS)
+    return _lanczos_coefficients(in_size, 32)
+
+
+def _lanczos_32_crops(gray: Image.Image, boxes: list[tuple[int, int, int, int]]
+                      ) -> list[np.ndarray]:
+    """``_lanczos_32(gray.crop(box))`` for each box, bit for bit, in two BLAS products for all
+    of them: the horizontal pass of every crop is one product of the whole picture with the
+    crops' coefficient matrices side by side (zero outside each crop's columns), the vertical
+    pass one batched product (zero outside each crop's rows). Zeros add nothing to the
+    integer-valued sums, so each crop's pixels are exactly its own passes' (picture ≤ 32 px a
+    side, or a crop under 32 px: Pillow's own code, crop by crop)."""
+    w, h = gray.size
+    if gray.mode != "L" or any(x1 - x0 < 32 or y1 - y0 < 32 for x0, y0, x1, y1 in boxes):
+        return [_lanczos_32(gray.crop(box)) for box in boxes]
+    across, down = _crop_passes(w, h, tuple(boxes))
+    rows = _fixed_point(_exact_matmul(np.asarray(gray, dtype=np.float64), across))
+    return list(_fixed_point(np.matmul(down, rows.reshape(h, len(boxes), 32).transpose(1, 0, 2))))
+
+
+@functools.lru_cache(maxsize=512)
+def _crop_passes(w: int, h: int, boxes: tuple[tuple[int, int, int, int], ...]
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """The two passes of :func:`_lanczos_32_crops` for a ``w`` x ``h`` picture: [w, 32k]
+    horizontal coefficients side by side, [k, 32, h] vertical ones."""
+    k = len(boxes)
+    across = np.zeros((w, 32 * k))
+    down = np.zeros((k, 32, h))
+    for i, (x0, y0, x1, y1) in enumerate(boxes):
+        across[x0:x1, 32 * i : 32 * i + 32] = _coefficients_or_identity(x1 - x0)
+        down[i, :, y0:y1] = _coefficients_or_identity(y1 - y0).T
+    across.setflags(write=False)
+    down.setflags(write=False)
+    return across, down
+
+
+def _phashes(grays: list[Image.Image], crops: list[np.ndarray] = ()) -> list[str]:
+    """``imagehash.phash`` of each grey image (bit for bit), then of each of ``crops`` (32x32
+    reductions already made), with the DCTs done in one batch."""
+    px = np.stack([_lanczos_32(g) for g in grays] + list(crops))
+    low = scipy.fftpack.dct(scipy.fftpack.dct(px, axis=1), axis=2)[:, :8, :8].reshape(len(px), 64)
     bits = low > np.median(low, axis=1, keepdims=True)
     return [row.tobytes().hex() for row in np.packbits(bits, axis=1)]
 
@@ -225,11 +269,11 @@ def perceptual_hashes(picture: Image.Image, crops: bool = True) -> tuple[str, st
     factor = max(1, min(gray.size) // CROP_HASH_SIDE)
     small = gray.reduce(factor) if factor > 1 else gray
     w, h = small.size
-    centres = []
+    boxes = []
     for s in CROP_SCALES:
         dx, dy = (w - w * s) / 2, (h - h * s) / 2
-        centres.append(small.crop((round(dx), round(dy), round(w - dx), round(h - dy))))
-    full, *cropped = _phashes([gray, *centres])
+        boxes.append((round(dx), round(dy), round(w - dx), round(h - dy)))
+    full, *cropped = _phashes([gray], _lanczos_32_crops(small, boxes))
     return full, "".join(cropped)
 
 
