@@ -231,7 +231,7 @@ def _lanczos_32_crops(gray: Image.Image, boxes: list[tuple[int, int, int, int]]
     return list(_fixed_point(np.matmul(down, rows.reshape(h, len(boxes), 32).transpose(1, 0, 2))))
 
 
-@functools.lru_cache(maxsize=512)
+@functools.lru_cache(maxsize=32)  # ~260 KB an entry at 128 px: web pictures vary in size
 def _crop_passes(w: int, h: int, boxes: tuple[tuple[int, int, int, int], ...]
                  ) -> tuple[np.ndarray, np.ndarray]:
     """The two passes of :func:`_lanczos_32_crops` for a ``w`` x ``h`` picture: [w, 32k]
