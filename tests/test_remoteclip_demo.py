@@ -513,3 +513,39 @@ def test_remotecount_from_the_held_out_set_and_the_recipe_holdout(world, tmp_pat
     recipe = pytest.importorskip("pipelines.recipes.remoteclip")
     held = recipe.read_holdout(os.path.join(out, "manifest.json"))
     assert {(it["dataset"], it["source_id"]) for it in items} <= held
+
+
+def test_a_world_asked_for_more_scenes_than_the_renderer_can_draw_says_so(tmp_path):
+    """Running out of distinct scenes (a large --n-remoteclip) is a size, not a bug: a named
+    error saying which flag to lower, which `pipelines.demo build` prints as one line."""
+    b = rc._Builder(str(tmp_path), 0)
+    with pytest.raises(rc.OutOfDistinctScenes, match="smaller --n-remoteclip"):
+        b.distinct(7, lambda rng: None)  # every draw refused
+
+
+def test_demo_build_reports_running_out_of_scenes_in_one_line(tmp_path, monkeypatch):
+    """`python -m pipelines.demo build --n-remoteclip <too many>` ends with one line naming
+    the flag, not a traceback, and leaves no world.json behind (not a finished world)."""
+    from pipelines.demo import __main__ as demo_main
+    from pipelines.demo import local, pub11, rs3
+
+    out = tmp_path / "world"
+
+    def fake_pub11(out_dir, *a, **k):
+        os.makedirs(out_dir, exist_ok=True)
+        (Path(out_dir) / "world.json").write_text("{}")
+        return {"rows": 0, "rows_by_source": {}, "expected": {}, "is_rs": 0, "planted": {},
+                "image_files": 0, "probe": {}}
+
+    def out_of_scenes(*a, **k):
+        rc._Builder(str(tmp_path / "empty"), 0).distinct(3, lambda rng: None)
+
+    monkeypatch.setattr(pub11, "build_pub11", fake_pub11)
+    monkeypatch.setattr(local, "build_local", lambda *a, **k: {})
+    monkeypatch.setattr(rs3, "build_rs3", lambda *a, **k: {})
+    monkeypatch.setattr(rc, "build_remoteclip", out_of_scenes)
+    with pytest.raises(SystemExit) as exc:
+        demo_main.main(["build", "--out", str(out), "--n-remoteclip", "5000"])
+    assert str(exc.value.code).startswith("demo: no RemoteCLIP demo scene")
+    assert "--n-remoteclip" in str(exc.value.code)
+    assert not (out / "world.json").exists()

@@ -110,7 +110,7 @@ def cmd_build(args: argparse.Namespace) -> int:
               f"{sum(summary['planted'].values())} rows; image files: {summary['image_files']}")
         print(f"  probe: {summary['probe']}")
         from pipelines.demo.local import build_local
-        from pipelines.demo.remoteclip import build_remoteclip
+        from pipelines.demo.remoteclip import OutOfDistinctScenes, build_remoteclip
         from pipelines.demo.rs3 import build_rs3
         from pipelines.demo.skyscript import build_skyscript
 
@@ -120,8 +120,10 @@ def cmd_build(args: argparse.Namespace) -> int:
                             n_millionaid=args.n_rs3)
             rc = build_remoteclip(out, args.seed, n=args.n_remoteclip)
             sky = build_skyscript(out, args.seed, n=args.n_skyscript)
-        except BaseException:
+        except BaseException as e:
             os.remove(os.path.join(out, "world.json"))  # not a finished world
+            if isinstance(e, OutOfDistinctScenes):  # a size asked for, not a bug: one line
+                raise SystemExit(f"demo: {e}") from None
             raise
         print(f"  local folder: {local['rows']} table lines ({local['planted']} planted)")
         print(f"  rs3 archives: {rs3['rows']} entries {rs3['by_source']}")

@@ -391,6 +391,10 @@ def yolo_text(objs: list[Obj], w: int, h: int) -> str:
 # ----------------------------------------------------------------------------- the builder
 
 
+class OutOfDistinctScenes(RuntimeError):
+    """The scene renderer cannot draw another picture far enough from the world's others."""
+
+
 class _Builder:
     def __init__(self, out_dir: str, seed: int) -> None:
         self.out = out_dir
@@ -449,7 +453,10 @@ class _Builder:
                 for h, c in hashes:
                     self.pool.add(h, c)
                 return hashes, result
-        raise RuntimeError(f"no distinct RemoteCLIP demo picture after {_ATTEMPTS} draws (#{i})")
+        raise OutOfDistinctScenes(
+            f"no RemoteCLIP demo scene at least {MIN_PHASH_DISTANCE} pHash bits from the "
+            f"world's other pictures after {_ATTEMPTS} draws (scene #{i}): the renderer has "
+            "run out of distinct scenes; ask for fewer with a smaller --n-remoteclip")
 
     def scene(self, i: int, names: dict[str, str], encode: Callable[[Image.Image], bytes],
               size: int = SIDE, classes: tuple[str, ...] = DETECTION_CLASSES,
