@@ -204,6 +204,11 @@ def make_world(
     return root, [captions[str(i)] for i in range(n)]
 
 
+def straggler_every(fraction: float) -> int:
+    """Every how many URLs one is slow, for a straggler ``fraction`` > 0."""
+    return max(1, round(1 / fraction))
+
+
 def write_url_list(path: Path, base_url: str, captions: Sequence[str],
                    slow: tuple[float, float] | None = None) -> Path:
     """A LAION-style parquet (``url``, ``caption``): one row per image, default row groups.
@@ -214,7 +219,7 @@ def write_url_list(path: Path, base_url: str, captions: Sequence[str],
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    every = max(1, round(1 / slow[0])) if slow and slow[0] > 0 else 0
+    every = straggler_every(slow[0]) if slow and slow[0] > 0 else 0
     urls = [f"{base_url}/slow/{slow[1]:g}/img/{i:06d}.jpg" if every and i % every == every // 2
             else f"{base_url}/img/{i:06d}.jpg" for i in range(len(captions))]
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -997,7 +1002,7 @@ def benchmark(args: argparse.Namespace) -> dict[str, RunResult]:
         n = min(ns)
         print()
         print(f"perf-ingest with stragglers: N={n}, as above, but {slow[0]:.0%} of the URLs "
-              f"(every {round(1 / slow[0])}th) answer after {slow[1]:g} s; one round each")
+              f"(every {straggler_every(slow[0])}th) answer after {slow[1]:g} s; one round each")
         print(table(list(slow_runs.values()), n))
         r = ratio(slow_runs)
         if r is not None:
