@@ -549,3 +549,20 @@ def test_demo_build_reports_running_out_of_scenes_in_one_line(tmp_path, monkeypa
     assert str(exc.value.code).startswith("demo: no RemoteCLIP demo scene")
     assert "--n-remoteclip" in str(exc.value.code)
     assert not (out / "world.json").exists()
+
+
+def test_each_dataset_draws_its_scenes_from_a_range_of_its_own():
+    """Large worlds: the j-th scene of one dataset never reuses another dataset's (or a planted
+    row's) random stream, which only wasted draws; small worlds keep their old indices."""
+    bases = (100, 400, 500, 600, 800, 900, 1000, 1200)  # DOTA .. RSICD, held-out DOTA
+    planted = {150, 151, 152, 450, 451, 550, 650, 700, 850, 851} | set(range(300, 312))
+    seen: dict[int, tuple[int, int]] = {}
+    for base in bases:
+        for j in range(3000):
+            i = rc.scene_index(base, j)
+            assert i not in planted, (base, j)
+            assert i not in seen, (base, j, seen.get(i))
+            seen[i] = (base, j)
+    assert [rc.scene_index(100, j) for j in range(50)] == list(range(100, 150))
+    with pytest.raises(ValueError):
+        rc.scene_index(100, rc.SPREAD)

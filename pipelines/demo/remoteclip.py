@@ -199,6 +199,22 @@ def _rng(seed: int, i: int, attempt: int = 0) -> np.random.Generator:
     return np.random.default_rng([seed, STREAM, i, attempt])
 
 
+#: a dataset's first scenes are drawn at ``base + j``: the bases lie 50 apart (planted rows at
+#: ``base + 50``...), so from the 50th scene on they are drawn at ``base * SPREAD + j``
+#: instead, a range of their own. Worlds with at most 50 scenes in every dataset (the default
+#: ``--n-remoteclip 24``, and up to 111: RSICD holds n//3 + n//8) keep the indices, and so
+#: the bytes, they always had; larger ones no longer draw another dataset's scenes again and
+#: waste their attempts rejecting them.
+SPREAD = 10**6
+
+
+def scene_index(base: int, j: int) -> int:
+    """The random-stream index of the ``j``-th scene of the dataset drawn from ``base``."""
+    if not 0 <= j < SPREAD:
+        raise ValueError(f"scene {j} is out of range for one dataset (0..{SPREAD - 1})")
+    return base + j if j < 50 else base * SPREAD + j
+
+
 def _jpeg(img: Image.Image) -> bytes:
     buf = io.BytesIO()
     img.save(buf, "JPEG", quality=JPEG_QUALITY)
@@ -485,7 +501,7 @@ class _Builder:
 
 def _dota(b: _Builder, n: int) -> None:
     for j in range(n):
-        body, cls, _, objs, h = b.scene(100 + j, DOTA_NAMES, _png)
+        body, cls, _, objs, h = b.scene(scene_index(100, j), DOTA_NAMES, _png)
         name = f"P{j + 1:04d}"
         gsd = None if j % 4 == 3 else ("null" if j % 4 == 2 else f"{0.3 + 0.05 * (j % 3):g}")
         b.write(f"{DOTA}/images/{name}.png", body)
@@ -554,7 +570,7 @@ def _large_scene(b: _Builder) -> None:
 
 def _voc(b: _Builder, n: int) -> None:
     for j in range(n):
-        body, cls, _, objs, h = b.scene(400 + j, VOC_NAMES, _jpeg)
+        body, cls, _, objs, h = b.scene(scene_index(400, j), VOC_NAMES, _jpeg)
         name = f"{j + 1:05d}"
         b.write(f"{VOC}/JPEGImages/{name}.jpg", body)
         b.write(f"{VOC}/Annotations/{name}.xml", voc_xml(f"{name}.jpg", SIDE, SIDE, objs))
@@ -588,7 +604,7 @@ def _coco_add(b: _Builder, file_name: str, w: int, h: int, objs: list[Obj]) -> N
 
 def _coco(b: _Builder, n: int) -> None:
     for j in range(n):
-        body, cls, _, objs, h = b.scene(500 + j, COCO_NAMES, _png)
+        body, cls, _, objs, h = b.scene(scene_index(500, j), COCO_NAMES, _png)
         name = f"{j + 1:012d}.png"
         b.write(f"{COCO}/images/{name}", body)
         _coco_add(b, name, SIDE, SIDE, objs)
@@ -611,7 +627,7 @@ def _coco(b: _Builder, n: int) -> None:
 def _yolo(b: _Builder, n: int) -> None:
     b.write(f"{YOLO}/classes.txt", "\n".join(YOLO_CLASSES) + "\n")
     for j in range(n):
-        body, cls, _, objs, h = b.scene(600 + j, YOLO_NAMES, _jpeg)
+        body, cls, _, objs, h = b.scene(scene_index(600, j), YOLO_NAMES, _jpeg)
         name = f"img_{j + 1:04d}"
         b.write(f"{YOLO}/images/{name}.jpg", body)
         b.write(f"{YOLO}/labels/{name}.txt", yolo_text(objs, SIDE, SIDE))
@@ -771,7 +787,7 @@ def _loveda(b: _Builder, n: int) -> None:
         return b.distinct(i, draw)
 
     for j in range(n):
-        hashes, (body, classes) = picture(800 + j, _loveda_layout)
+        hashes, (body, classes) = picture(scene_index(800, j), _loveda_layout)
         name = f"{j + 1:04d}"
         b.write(f"{LOVEDA}/images/{name}.png", body)
         b.write(f"{LOVEDA}/masks/{name}.png", _png(Image.fromarray(classes, "L")))
@@ -876,7 +892,7 @@ def _potsdam(b: _Builder, n: int) -> None:
         return [body], (body, idx)
 
     for j in range(n + 1):
-        hashes, (body, idx) = b.distinct(900 + j, draw)
+        hashes, (body, idx) = b.distinct(scene_index(900, j), draw)
         mask = _potsdam_mask(idx)
         planted = j == n
         name = "top_potsdam_7_7" if planted else f"top_potsdam_{2 + j // 4}_{10 + j % 4}"
@@ -921,7 +937,7 @@ def _rsicd(b: _Builder, n_train: int, n_test: int) -> None:
             caps: list[str] = []
             for t in range(40):
                 c = scenes.caption_scene(cls, meta, np.random.default_rng(
-                    [b.seed, STREAM, 1000 + k, t]))
+                    [b.seed, STREAM, scene_index(1000, k), t]))
                 if c not in caps:
                     caps.append(c)
                 if len(caps) == 5:
@@ -930,7 +946,7 @@ def _rsicd(b: _Builder, n_train: int, n_test: int) -> None:
                 caps.append(caps[0])  # a class with few phrasings
             return [body], (body, caps, objs)
 
-        hashes, (body, caps, objs) = b.distinct(1000 + k, draw)
+        hashes, (body, caps, objs) = b.distinct(scene_index(1000, k), draw)
         fn = f"{cls}_{k + 1}.jpg"
         b.write(f"{RSICD}/images/{fn}", body)
         entry = {"filename": fn, "imgid": k, "split": "test" if test else "train",
@@ -979,7 +995,7 @@ def _dota_val(b: _Builder, n: int) -> None:
     so it has no truth rows; ``heldout.txt`` names it for ``pipelines.remotecount``."""
     classes = ("airport", "industrial", "lake", "baseball_field", "river", "highway")
     for j in range(n):
-        body, _, _, objs, _ = b.scene(1200 + j, DOTA_NAMES, _png, classes=classes,
+        body, _, _, objs, _ = b.scene(scene_index(1200, j), DOTA_NAMES, _png, classes=classes,
                                       accept=_countable)
         name = f"P{j + 1:04d}"
         b.write(f"{HELDOUT}/images/{name}.png", body)
