@@ -199,8 +199,9 @@ def _rng(seed: int, i: int, attempt: int = 0) -> np.random.Generator:
     return np.random.default_rng([seed, STREAM, i, attempt])
 
 
-#: a dataset's first scenes are drawn at ``base + j``: the bases lie 50 apart (planted rows at
-#: ``base + 50``...), so from the 50th scene on they are drawn at ``base * SPREAD + j``
+#: a dataset's first scenes are drawn at ``base + j``: the bases lie 100 apart (DOTA 100, VOC
+#: 400, COCO 500, ...; planted rows at ``base + 50``...), so from the 50th scene on they are
+#: drawn at ``base * SPREAD + j``
 #: instead, a range of their own. Worlds with at most 50 scenes in every dataset (the default
 #: ``--n-remoteclip 24``, and up to 111: RSICD holds n//3 + n//8) keep the indices, and so
 #: the bytes, they always had; larger ones no longer draw another dataset's scenes again and
