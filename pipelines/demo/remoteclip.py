@@ -199,13 +199,13 @@ def _rng(seed: int, i: int, attempt: int = 0) -> np.random.Generator:
     return np.random.default_rng([seed, STREAM, i, attempt])
 
 
-#: a dataset's first scenes are drawn at ``base + j``: the bases lie 100 apart (DOTA 100, VOC
-#: 400, COCO 500, ...; planted rows at ``base + 50``...), so from the 50th scene on they are
-#: drawn at ``base * SPREAD + j``
-#: instead, a range of their own. Worlds with at most 50 scenes in every dataset (the default
-#: ``--n-remoteclip 24``, and up to 111: RSICD holds n//3 + n//8) keep the indices, and so
-#: the bytes, they always had; larger ones no longer draw another dataset's scenes again and
-#: waste their attempts rejecting them.
+#: a dataset's first ``NEAR`` scenes are drawn at ``base + j``: the bases lie 100 apart (DOTA
+#: 100, VOC 400, COCO 500, ...; planted rows at ``base + NEAR``...), so later scenes are drawn
+#: at ``base * SPREAD + j`` instead, a range of their own. Worlds with at most ``NEAR`` scenes
+#: in every dataset (the default ``--n-remoteclip 24``, and up to 111: RSICD holds n//3 +
+#: n//8) keep the indices, and so the bytes, they always had; larger ones no longer draw
+#: another dataset's scenes again and waste their attempts rejecting them.
+NEAR = 50
 SPREAD = 10**6
 
 
@@ -213,7 +213,7 @@ def scene_index(base: int, j: int) -> int:
     """The random-stream index of the ``j``-th scene of the dataset drawn from ``base``."""
     if not 0 <= j < SPREAD:
         raise ValueError(f"scene {j} is out of range for one dataset (0..{SPREAD - 1})")
-    return base + j if j < 50 else base * SPREAD + j
+    return base + j if j < NEAR else base * SPREAD + j
 
 
 def _jpeg(img: Image.Image) -> bytes:
@@ -929,7 +929,9 @@ def _rsicd(b: _Builder, n_train: int, n_test: int) -> None:
         cls = (DETECTION_CLASSES[k % len(DETECTION_CLASSES)] if test
                else classes[k % len(classes)])
 
-        def draw(rng: np.random.Generator, cls: str = cls, test: bool = test, k: int = k) -> Any:
+        i = scene_index(1000, k)
+
+        def draw(rng: np.random.Generator, cls: str = cls, test: bool = test, i: int = i) -> Any:
             img, meta = scenes.render_scene(cls, rng, RSICD_SIDE)
             objs = _objects(meta, YOLO_NAMES, RSICD_SIDE, RSICD_SIDE)
             if test and not objs:
@@ -938,7 +940,7 @@ def _rsicd(b: _Builder, n_train: int, n_test: int) -> None:
             caps: list[str] = []
             for t in range(40):
                 c = scenes.caption_scene(cls, meta, np.random.default_rng(
-                    [b.seed, STREAM, scene_index(1000, k), t]))
+                    [b.seed, STREAM, i, t]))
                 if c not in caps:
                     caps.append(c)
                 if len(caps) == 5:
@@ -947,7 +949,7 @@ def _rsicd(b: _Builder, n_train: int, n_test: int) -> None:
                 caps.append(caps[0])  # a class with few phrasings
             return [body], (body, caps, objs)
 
-        hashes, (body, caps, objs) = b.distinct(scene_index(1000, k), draw)
+        hashes, (body, caps, objs) = b.distinct(i, draw)
         fn = f"{cls}_{k + 1}.jpg"
         b.write(f"{RSICD}/images/{fn}", body)
         entry = {"filename": fn, "imgid": k, "split": "test" if test else "train",
