@@ -39,7 +39,7 @@ TEST_STEPS = 250
 @pytest.fixture(scope="session")
 def tiny_blip2(tmp_path_factory) -> str:
     out = str(tmp_path_factory.mktemp("models") / "tiny-blip2")
-    facts = build_tiny_blip2(out, seed=0, steps=TEST_STEPS, max_seconds=100)
+    facts = build_tiny_blip2(out, seed=0, steps=TEST_STEPS)
     assert facts["complete"] and facts["steps_done"] == TEST_STEPS
     return out
 
@@ -83,6 +83,17 @@ def test_same_seed_same_weights(tmp_path, monkeypatch):
     wa, wb, wc = ((tmp_path / d / "model.safetensors").read_bytes() for d in "abc")
     assert wa == wb
     assert wa != wc
+
+
+def test_time_cap_is_opt_in_and_marks_a_cut_build_incomplete(tmp_path, monkeypatch):
+    import pipelines.demo.tiny_blip2 as tb
+
+    monkeypatch.setattr(tb, "TRAIN_PER_CLASS", 2)
+    cut = build_tiny_blip2(str(tmp_path / "cut"), seed=4, steps=3, max_seconds=0)
+    assert not cut["complete"] and cut["steps_done"] == 0
+    # an incomplete build is not a cache hit: the next call (no cap) trains it in full
+    again = build_tiny_blip2(str(tmp_path / "cut"), seed=4, steps=3)
+    assert not again["cached"] and again["complete"] and again["steps_done"] == 3
 
 
 def test_trained_tiny_model_names_the_scene(tiny_blip2):
