@@ -83,6 +83,11 @@ def test_cli_scores_baseline_and_checkpoint_side_by_side_and_reuses_cache(world,
                           ("demo-retrieval", "retrieval"), ("demo-counting", "counting"),
                           ("demo-roof-shape", "zeroshot")]:
             assert (m, ds, proto) in got
+    cnt = {r["metric"]: r for r in data["results"]
+           if r["model"] == "run/latest" and r["protocol"] == "counting"}
+    assert {"top1", "top10", "prior_top1", "within_category_r"} <= set(cnt)
+    assert cnt["within_category_r"]["unit"] == "ratio"
+    assert -1.0 <= cnt["within_category_r"]["value"] <= 1.0
     zs = [r for r in data["results"] if r["protocol"] == "zeroshot" and r["metric"] == "top1"]
     assert all(r["params"]["prompt_set"] == "remoteclip" for r in zs)
     assert all(r["params"]["n_images"] == 26 for r in zs if r["dataset"] == "demo-scenes")

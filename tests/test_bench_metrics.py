@@ -211,6 +211,25 @@ def test_counting_prior_is_leave_one_out_and_pessimistic():
     assert m["top1"] == 60.0  # the three 1s; the 2 and the lone car never
 
 
+def test_within_category_r_tells_counting_from_knowing_the_category():
+    cand = np.tile(np.eye(10)[None], (6, 1, 1))  # candidate n -> basis vector n-1
+    cats = ["car"] * 4 + ["tank"] * 2
+    counts = np.array([2, 4, 6, 8, 1, 3])
+    # a model that counts: picks the true count everywhere
+    assert P.counting_within_category_r(np.eye(10)[counts - 1], cand, cats, counts) == \
+        pytest.approx(1.0)
+    # one that knows each category's usual count: the same pick per category, top-1 above 0
+    usual = np.eye(10)[np.array([6, 6, 6, 6, 1, 1]) - 1]
+    assert P.counting(usual, cand, counts)["top1"] > 0
+    assert P.counting_within_category_r(usual, cand, cats, counts) == 0.0
+    # backwards within cars (r = -1, 4 items), right on tanks (r = 1, 2 items): (-4 + 2) / 6
+    back = np.eye(10)[np.array([8, 6, 4, 2, 1, 3]) - 1]
+    assert P.counting_within_category_r(back, cand, cats, counts) == pytest.approx(-1 / 3)
+    # a category whose true counts are all equal says nothing; none left: NaN
+    assert math.isnan(P.counting_within_category_r(
+        np.eye(10)[[0, 0]], cand[:2], ["bridge", "bridge"], np.array([1, 1])))
+
+
 # ----------------------------------------------------------------------------- SeLo
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -46,8 +47,8 @@ class Options:
 
 
 def _rec(model: BenchModel, spec: DatasetSpec, protocol: str, metric: str, value: float,
-         **params: Any) -> dict[str, Any]:
-    unit = "ratio" if protocol == "selo" else "percent"
+         unit: str | None = None, **params: Any) -> dict[str, Any]:
+    unit = unit or ("ratio" if protocol == "selo" else "percent")
     return {"model": model.name, "model_key": model.key, "dataset": spec.name,
             "published_dataset": spec.published, "task": spec.task, "protocol": protocol,
             "metric": metric, "value": float(value), "unit": unit, "params": params}
@@ -121,12 +122,19 @@ def run_counting(model: BenchModel, spec: DatasetSpec, data: CountingData,
     texts = [c for cap, n in zip(data.captions, data.counts)
              for c in P.counting_captions(cap, int(n))]
     t = cache.get("counting", fingerprint([], texts), lambda: model.embed_texts(texts))
-    m = P.counting(x, t.reshape(len(data.paths), len(P.COUNT_CANDIDATES), -1), data.counts)
+    cand = t.reshape(len(data.paths), len(P.COUNT_CANDIDATES), -1)
+    m = P.counting(x, cand, data.counts)
     prior = P.counting_prior(data.categories, data.counts)["top1"]
-    return [_rec(model, spec, "counting", k, v, n_images=len(data.paths),
+    recs = [_rec(model, spec, "counting", k, v, n_images=len(data.paths),
                  candidates="1..10") for k, v in m.items()] + [
         _rec(model, spec, "counting", "prior_top1", prior, n_images=len(data.paths),
              candidates="1..10", reference="the category alone (leave-one-out), no image")]
+    r = P.counting_within_category_r(x, cand, data.categories, data.counts)
+    if math.isfinite(r):  # no category with differing counts: nothing to say
+        recs.append(_rec(model, spec, "counting", "within_category_r", r, unit="ratio",
+                         n_images=len(data.paths), candidates="1..10",
+                         reference="picked vs true count within each category, weighted mean"))
+    return recs
 
 
 #: AIR-SLT scenes are ~10k x 10k, above the default bomb limits; still refuse past these

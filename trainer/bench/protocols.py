@@ -261,6 +261,30 @@ def counting_prior(categories: Sequence[str], counts: np.ndarray,
     return _count_topk(per_category[cat] - own, counts, candidates)  # the category's others
 
 
+def counting_within_category_r(image_emb: np.ndarray, cand_text_emb: np.ndarray,
+                               categories: Sequence[str], counts: np.ndarray,
+                               candidates: Sequence[int] = COUNT_CANDIDATES) -> float:
+    """Does the model count, or guess each category's usual count? Within each category, the
+    Pearson correlation of the count the model picks (its top-1 candidate) with the true count,
+    averaged over categories weighted by their items. Categories whose true counts are all
+    equal say nothing and are left out; a category where the model always picks the same count
+    scores 0. NaN when no category is left. A model that counts is near 1; one that knows only
+    the category, near 0, whatever its top-1."""
+    sims = np.einsum("nd,ncd->nc", np.asarray(image_emb, np.float64),
+                     np.asarray(cand_text_emb, np.float64))
+    picked = np.asarray(list(candidates))[sims.argmax(1)].astype(np.float64)
+    true = np.asarray(counts, np.float64)
+    cats = np.asarray(categories, dtype=str)
+    rs, weights = [], []
+    for c in np.unique(cats):
+        m = cats == c
+        if m.sum() < 2 or true[m].std() == 0:
+            continue
+        rs.append(0.0 if picked[m].std() == 0 else float(np.corrcoef(picked[m], true[m])[0, 1]))
+        weights.append(int(m.sum()))
+    return float(np.average(rs, weights=weights)) if rs else float("nan")
+
+
 # ----------------------------------------------------------------------------- SeLo
 
 #: constants of the SeLo paper's reference implementation (SemanticLocalizationMetrics, SLM)
