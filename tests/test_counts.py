@@ -116,3 +116,42 @@ def test_count_loss_is_the_two_way_cross_entropy_and_ignores_unmarked_rows():
                         rel_tol=1e-5)
     out, loss = forward_counting(fwd, img, txt, cf2, torch.zeros(4, dtype=torch.bool))
     assert loss is None and calls[-1] == 4
+
+
+def test_twins_report_their_counts_and_draw_as_counterfactuals_does():
+    text = "a harbor with 4 boats and one bridge"
+    for s in range(20):
+        true, twins = C.counterfactual_twins(text, random.Random(s), k=3)
+        assert [t for t, _ in twins] == C.counterfactuals(text, random.Random(s), k=3)
+        for t, v in twins:  # the value is the count the twin states where the true one was
+            assert v != true and [c.value for c in C.find_counts(t)] != \
+                [c.value for c in C.find_counts(text)]
+            assert str(v) in t or C.NUMBER_WORDS[v] in t
+    assert C.counterfactual_twins("a river through meadows", random.Random(0)) == (0, [])
+
+
+def test_soft_targets_are_one_hot_at_zero_and_ordinal_above():
+    assert C.soft_targets(4, [7, 3, 1], 0.0) == [1.0, 0.0, 0.0, 0.0]
+    q = C.soft_targets(4, [7, 3, 1, 5], 0.25)
+    assert math.isclose(sum(q), 1.0) and q[0] == max(q)
+    assert q[4] > q[2] > q[1] > q[3]  # 5 (x1.25) nearer 4 than 3 (x0.75), 7, then 1
+    # in ratio: 9 for a true 10 is a nearer miss than 1 for a true 2
+    assert C.soft_targets(10, [9], 0.25)[1] > C.soft_targets(2, [1], 0.25)[1]
+
+
+def test_count_loss_with_a_soft_target_is_the_soft_cross_entropy():
+    from trainer.loss import count_loss
+
+    g = torch.Generator().manual_seed(1)
+    img, txt = (torch.nn.functional.normalize(torch.randn(3, 8, generator=g), dim=-1)
+                for _ in range(2))
+    cf = torch.nn.functional.normalize(torch.randn(3, 2, 8, generator=g), dim=-1)
+    scale = torch.tensor(10.0)
+    q = torch.tensor([C.soft_targets(4, [5, 1], 0.3)] * 3)
+    logits = 10 * torch.cat([(img * txt).sum(-1, keepdim=True),
+                             torch.einsum("nd,nkd->nk", img, cf)], dim=1)
+    want = -(q * torch.log_softmax(logits, dim=1)).sum(1).mean()
+    assert math.isclose(float(count_loss(img, txt, cf, scale, q)), float(want), rel_tol=1e-5)
+    one_hot = torch.tensor([[1.0, 0.0, 0.0]] * 3)
+    assert math.isclose(float(count_loss(img, txt, cf, scale, one_hot)),
+                        float(count_loss(img, txt, cf, scale)), rel_tol=1e-6)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import random
 from pathlib import Path
@@ -94,7 +95,7 @@ def _tokenizer():
 
 
 def _stream(corpus, rank=0, world=1, batch=4, seed=0, start=None, mix=None, log_keys=True,
-            caption_choice="first", counterfactuals=0):
+            caption_choice="first", counterfactuals=0, count_sigma=0.0):
     from pipelines.models.open_clip_loader import register_configs
     from trainer.augment import RSAugment
     from trainer.data import ShardBatches, StreamConfig, expand_urls
@@ -103,7 +104,8 @@ def _stream(corpus, rank=0, world=1, batch=4, seed=0, start=None, mix=None, log_
     cfg = StreamConfig(urls=expand_urls(str(corpus)), batch_size=batch, seed=seed, rank=rank,
                        world_size=world, mix=mix, shuffle_buffer=16,
                        start_positions=start or {}, log_keys=log_keys,
-                       caption_choice=caption_choice, counterfactuals=counterfactuals)
+                       caption_choice=caption_choice, counterfactuals=counterfactuals,
+                       count_sigma=count_sigma)
     aug = RSAugment(32, [0.5] * 3, [0.25] * 3)
     return iter(ShardBatches(cfg, aug, _tokenizer()))
 
@@ -223,14 +225,15 @@ def test_counterfactual_twins_batched_with_their_captions(tmp_path):
                                  strict=False)]
     again = [b for _, b in zip(range(4), _stream(counted, batch=6, counterfactuals=3),
                                strict=False)]
+
+    def words(tokens):  # the BPE splits digits: "1 0" is 10
+        c = tok.decode(tokens.tolist()).replace("<start_of_text>", "").split("<end_of")[0]
+        return re.sub(r"(\d) (?=\d)", r"\1", c)
+
     n_twins = 0
     for b, b2 in zip(batches, again, strict=True):
         assert torch.equal(b["cf_text"], b2["cf_text"]) and torch.equal(b["cf_mask"], b2["cf_mask"])
         for text, cf, has in zip(b["text"], b["cf_text"], b["cf_mask"], strict=True):
-            def words(tokens):  # the BPE splits digits: "1 0" is 10
-                c = tok.decode(tokens.tolist()).replace("<start_of_text>", "").split("<end_of")[0]
-                return re.sub(r"(\d) (?=\d)", r"\1", c)
-
             caption = words(text)
             if not has:
                 assert not re.search(r"\d", caption) and not cf.any()
@@ -249,6 +252,27 @@ def test_counterfactual_twins_batched_with_their_captions(tmp_path):
             assert len(new) == 3
     assert n_twins >= 8
     assert "cf_text" not in next(_stream(counted, batch=6))
+    assert "cf_target" not in batches[0]  # --count-sigma 0: the one-hot target, implied
+
+    # --count-sigma: each row's soft target is soft_targets(true, twins' counts), same stream
+    from trainer.counts import soft_targets
+
+    soft = [b for _, b in zip(range(4), _stream(counted, batch=6, counterfactuals=3,
+                                                count_sigma=0.3), strict=False)]
+    n_soft = 0
+    for b, b0 in zip(soft, batches, strict=True):
+        assert torch.equal(b["cf_text"], b0["cf_text"])  # the target changes, not the twins
+        for text, cf, has, q in zip(b["text"], b["cf_text"], b["cf_mask"], b["cf_target"],
+                                    strict=True):
+            if not has:
+                assert q.tolist() == [1.0, 0.0, 0.0, 0.0]
+                continue
+            n_soft += 1
+            k = int(re.search(r"of (\d+) ", words(text)).group(1))
+            twins = [int(re.search(r"of (\d+) ", words(t)).group(1)) for t in cf]
+            assert torch.allclose(q, torch.tensor(soft_targets(k, twins, 0.3)))
+            assert int(q.argmax()) == 0 and math.isclose(float(q.sum()), 1.0, rel_tol=1e-6)
+    assert n_soft == n_twins
 
 
 def test_mix_weights_select_subsets(corpus):

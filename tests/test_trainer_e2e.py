@@ -222,7 +222,16 @@ def test_count_loss_run_logs_the_counting_loss(tiny_model_dir, tmp_path):
     # half the captions state a count: every batch of 8 has twins, so the loss is logged;
     # ten candidates, near chance at the start: about log 10
     assert all(1.0 < r["count_loss"] < 5 and r["loss"] > r["count_loss"] for r in rows)
+    # the soft, ordinal target: a lower bound above 0 (its entropy), logged the same way
+    summary, _ = _train(counted, tiny_model_dir, tmp_path / "soft", "--steps", "2",
+                        "--count-loss", "1", "--count-negatives", "9", "--count-sigma", "0.3")
+    rows = _metrics(tmp_path / "soft")
+    assert summary["count_sigma"] == 0.3 and len(rows) == 2
+    assert all(1.0 < r["count_loss"] < 5 for r in rows)
     with pytest.raises(SystemExit):
         _train(counted, tiny_model_dir, tmp_path / "bad", "--steps", "1", "--count-loss", "-1")
+    with pytest.raises(SystemExit):
+        _train(counted, tiny_model_dir, tmp_path / "bad", "--steps", "1", "--count-loss", "1",
+               "--count-sigma", "-0.1")
     with pytest.raises(SystemExit):
         _train(counted, tiny_model_dir, tmp_path / "bad", "--steps", "1", "--count-negatives", "0")

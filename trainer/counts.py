@@ -22,6 +22,7 @@ true one.
 
 from __future__ import annotations
 
+import math
 import random
 import re
 from dataclasses import dataclass
@@ -158,15 +159,35 @@ def swap(text: str, c: Count, new: int, digits: bool = False) -> str:
     return before + _number(new, c, digits, text[c.start:c.end]) + middle + after
 
 
-def counterfactuals(text: str, rng: random.Random, k: int = 1, lo: int = COUNT_RANGE[0],
-                    hi: int = COUNT_RANGE[1]) -> list[str]:
-    """``k`` twins of ``text``, each with the same one of its counts (chosen by ``rng``) changed
-    to another value in ``lo``..``hi`` (``k`` distinct values drawn without replacement, at most
-    ``hi - lo`` of them), or [] when ``text`` states no count."""
+def counterfactual_twins(text: str, rng: random.Random, k: int = 1, lo: int = COUNT_RANGE[0],
+                         hi: int = COUNT_RANGE[1]) -> tuple[int, list[tuple[str, int]]]:
+    """(the stated count, ``k`` twins as ``(text, count)``): each twin has the same one of
+    ``text``'s counts (chosen by ``rng``) changed to another value in ``lo``..``hi`` (``k``
+    distinct values drawn without replacement, at most ``hi - lo`` of them); (0, []) when
+    ``text`` states no count."""
     counts = find_counts(text, lo, hi)
     if not counts:
-        return []
+        return 0, []
     c = counts[rng.randrange(len(counts))]
     others = [v for v in range(lo, hi + 1) if v != c.value]
-    return [swap(text, c, new) for new in rng.sample(others, min(k, len(others)))]
+    return c.value, [(swap(text, c, new), new)
+                     for new in rng.sample(others, min(k, len(others)))]
+
+
+def counterfactuals(text: str, rng: random.Random, k: int = 1, lo: int = COUNT_RANGE[0],
+                    hi: int = COUNT_RANGE[1]) -> list[str]:
+    """The texts of :func:`counterfactual_twins` (the same draws from ``rng``)."""
+    return [t for t, _ in counterfactual_twins(text, rng, k, lo, hi)[1]]
+
+
+def soft_targets(true: int, twins: list[int], sigma: float) -> list[float]:
+    """The count loss's target over ``[true, *twins]``: 1 on the true count when ``sigma`` is 0
+    (Paiss et al.), else weights ``exp(-(ln v - ln true)² / 2σ²)`` normalised to sum 1, so a
+    near count (in ratio: 9 for 10 is nearer than 1 for 2) costs less than a far one."""
+    if sigma <= 0:
+        return [1.0] + [0.0] * len(twins)
+    w = [math.exp(-((math.log(v) - math.log(true)) ** 2) / (2 * sigma * sigma))
+         for v in [true, *twins]]
+    z = sum(w)
+    return [x / z for x in w]
 

@@ -67,7 +67,7 @@ import torch
 from PIL import Image
 
 from pipelines.image_guard import open_rgb
-from trainer.counts import counterfactuals
+from trainer.counts import counterfactual_twins, soft_targets
 
 log = logging.getLogger(__name__)
 
@@ -215,6 +215,8 @@ class StreamConfig:
     log_keys: bool = False
     #: also batch this many counterfactual-count twins of each caption that states a count
     counterfactuals: int = 0
+    #: > 0: batch ``cf_target``, the count loss's soft target (``counts.soft_targets``)
+    count_sigma: float = 0.0
 
 
 @dataclass
@@ -391,9 +393,11 @@ class ShardBatches(torch.utils.data.IterableDataset):
                                 random.Random(f"{cfg.seed}/{g}/shuffle"))
         start = int(cfg.start_positions.get(w, 0))
         _ERRORS["count"] = 0
-        images, texts, keys, cfs = [], [], [], []
+        images, texts, keys, cfs, targets = [], [], [], [], []
         k = int(cfg.counterfactuals)
         no_cf = torch.zeros(k, self.tok.context_length, dtype=torch.long)
+        hard = torch.zeros(k + 1)
+        hard[0] = 1.0
         n_over = n_caps = 0
         for pos, sample in enumerate(stream):
             if pos < start:  # resume: fast-forward without decoding
@@ -402,9 +406,11 @@ class ShardBatches(torch.utils.data.IterableDataset):
                 img, text = _decode(sample, cfg.caption_choice, cfg.seed)
                 x = self.augment(img, random.Random(f"{cfg.seed}/{g}/aug/{pos}"))
                 tokens, n_tok = self.tok(text)
-                cf = (counterfactuals(text, random.Random(f"{cfg.seed}/{g}/cf/{pos}"), k)
-                      if k else [])
-                cf_tokens = torch.stack([self.tok(c)[0] for c in cf]) if cf else None
+                true, cf = (counterfactual_twins(text, random.Random(f"{cfg.seed}/{g}/cf/{pos}"),
+                                                 k) if k else (0, []))
+                cf_tokens = torch.stack([self.tok(c)[0] for c, _ in cf]) if cf else None
+                target = (torch.tensor(soft_targets(true, [v for _, v in cf], cfg.count_sigma))
+                          if cf and len(cf) == k else hard)
             except Exception as exn:  # noqa: BLE001 - corrupt data must not kill a run
                 warn_and_count(exn)
                 continue
@@ -412,6 +418,7 @@ class ShardBatches(torch.utils.data.IterableDataset):
             texts.append(tokens)
             keys.append(sample["__key__"])
             cfs.append(cf_tokens)
+            targets.append(target)
             n_caps += 1
             n_over += int(n_tok > self.tok.context_length)
             if len(images) == cfg.batch_size:
@@ -428,8 +435,10 @@ class ShardBatches(torch.utils.data.IterableDataset):
                 if k:
                     batch["cf_text"] = torch.stack([no_cf if c is None else c for c in cfs])
                     batch["cf_mask"] = torch.tensor([c is not None for c in cfs])
+                    if cfg.count_sigma > 0:
+                        batch["cf_target"] = torch.stack(targets)
                 yield batch
-                images, texts, keys, cfs = [], [], [], []
+                images, texts, keys, cfs, targets = [], [], [], [], []
                 n_over = n_caps = 0
 
 

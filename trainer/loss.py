@@ -11,6 +11,9 @@ al., "Teaching CLIP to Count to Ten" (ICCV 2023). An image whose caption states 
 scored against its caption and ``K`` counterfactual twins with other counts
 (``trainer/counts.py``; ``--count-negatives K``, 1 in the paper):
 ``-log softmax([s(i, t), s(i, t'_1), …, s(i, t'_K)])[0]`` with the model's temperature.
+``--count-sigma S`` trades the one-hot target for a soft one over the same captions, weights
+``exp(-(ln k - ln n)² / 2S²)`` for a twin of count ``k`` and a true count ``n``: an ordinal
+target, under which a near miss costs less than a far one.
 In a contrastive batch the other captions differ in scene as well as count, so the count token
 is the one thing the text encoder may ignore; the twin differs in nothing else.
 """
@@ -45,21 +48,25 @@ def contrastive_loss(loss_fn: torch.nn.Module, out: dict) -> torch.Tensor:
 
 
 def count_loss(image_features: torch.Tensor, text_features: torch.Tensor,
-               cf_features: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+               cf_features: torch.Tensor, logit_scale: torch.Tensor,
+               target: torch.Tensor | None = None) -> torch.Tensor:
     """Mean over rows of ``-log softmax([s(i,t), s(i,t'_1..K)])[0]``: row ``r`` is one image
     ``[D]``, its caption ``[D]`` and the caption's counterfactual twins ``[K, D]`` (or ``[D]``
-    for one; normalised features)."""
+    for one; normalised features). ``target`` ``[N, K+1]`` (rows summing to 1) replaces the
+    one-hot on the true caption with a soft target (``--count-sigma``)."""
     if cf_features.dim() == image_features.dim():
         cf_features = cf_features.unsqueeze(1)
     s_true = (image_features * text_features).sum(-1, keepdim=True)
     s_cf = torch.einsum("nd,nkd->nk", image_features, cf_features)
     logits = logit_scale * torch.cat([s_true, s_cf], dim=1)
-    target = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
+    if target is None:
+        target = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
     return torch.nn.functional.cross_entropy(logits, target)
 
 
 def forward_counting(fwd: torch.nn.Module, image: torch.Tensor, text: torch.Tensor,
-                     cf_text: torch.Tensor | None, cf_mask: torch.Tensor | None
+                     cf_text: torch.Tensor | None, cf_mask: torch.Tensor | None,
+                     cf_target: torch.Tensor | None = None,
                      ) -> tuple[dict, torch.Tensor | None]:
     """``fwd(image, text)`` as an output dict, and the count loss of the rows ``cf_mask``
     marks (None when there are none); ``cf_text`` is ``[B, K, context]``. The twins ride in the
@@ -72,7 +79,8 @@ def forward_counting(fwd: torch.nn.Module, image: torch.Tensor, text: torch.Tens
     tf = out["text_features"]
     out["text_features"] = tf[:n]
     loss = count_loss(out["image_features"][cf_mask], tf[:n][cf_mask],
-                      tf[n:].reshape(twins.shape[0], twins.shape[1], -1), out["logit_scale"])
+                      tf[n:].reshape(twins.shape[0], twins.shape[1], -1), out["logit_scale"],
+                      None if cf_target is None else cf_target[cf_mask])
     return out, loss
 
 

@@ -79,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--count-loss", type=float, default=0.0,
         help="weight of the counting loss (Paiss et al. 2023): captions stating a count of "
              "1..10 also train against twins with other counts (0: off)")
+    add("--count-sigma", type=float, default=0.0,
+        help="soft, ordinal target for the counting loss: weight exp(-(ln k - ln n)^2/2s^2) "
+             "on a twin of count k for true count n (0: the true caption alone)")
     add("--count-negatives", type=int, default=1,
         help="counterfactual twins per counting caption, 1..9 (1: Paiss et al.; 9: every "
              "other count of 1..10)")
@@ -231,6 +234,8 @@ def run(argv: Sequence[str] | None = None) -> tuple[dict[str, Any], Any]:
         ap.error("--count-loss must be >= 0")
     if not 1 <= args.count_negatives <= 9:
         ap.error("--count-negatives must be in 1..9")
+    if args.count_sigma < 0:
+        ap.error("--count-sigma must be >= 0")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     saved = (torch.are_deterministic_algorithms_enabled(), torch.get_num_threads())
     try:
@@ -331,7 +336,9 @@ def _run(args: argparse.Namespace) -> tuple[dict[str, Any], Any]:
                           world_size=world, mix=parse_mix(args.mix),
                           shuffle_buffer=args.shuffle_buffer, start_positions=start_positions,
                           batches_consumed=step * args.accum_freq if start_positions else 0,
-                          log_keys=args.log_keys, counterfactuals=args.count_negatives if args.count_loss > 0 else 0)
+                          log_keys=args.log_keys,
+                          counterfactuals=args.count_negatives if args.count_loss > 0 else 0,
+                          count_sigma=args.count_sigma if args.count_loss > 0 else 0.0)
     loader = make_loader(stream, augment, built.tokenizer, args.workers)
     log.info("data: %d shards (%s samples), world %d × batch %d × accum %d = %d samples/step; "
              "%d steps; %d/%d parameters trainable", len(urls), n_data, world, args.batch_size,
@@ -397,11 +404,13 @@ def _run(args: argparse.Namespace) -> tuple[dict[str, Any], Any]:
         cf_txts = [b["cf_text"].to(device, non_blocking=True) if "cf_text" in b else None
                    for b in batches]
         cf_masks = [b["cf_mask"].to(device) if "cf_mask" in b else None for b in batches]
+        cf_tgts = [b["cf_target"].to(device) if "cf_target" in b else None for b in batches]
         cnt_val = 0.0
         opt.zero_grad(set_to_none=True)
         if args.accum_freq == 1:
             with autocast_ctx(args.precision, device):
-                out, cnt = forward_counting(fwd, imgs[0], txts[0], cf_txts[0], cf_masks[0])
+                out, cnt = forward_counting(fwd, imgs[0], txts[0], cf_txts[0], cf_masks[0],
+                                            cf_tgts[0])
                 loss = contrastive_loss(loss_fn, out)
                 if cnt is not None:
                     cnt_val = float(cnt.detach())
@@ -416,7 +425,8 @@ def _run(args: argparse.Namespace) -> tuple[dict[str, Any], Any]:
                 sync = (ddp.no_sync() if ddp is not None and j < args.accum_freq - 1
                         else contextlib.nullcontext())
                 with sync, autocast_ctx(args.precision, device):
-                    out, cnt = forward_counting(fwd, imgs[j], txts[j], cf_txts[j], cf_masks[j])
+                    out, cnt = forward_counting(fwd, imgs[j], txts[j], cf_txts[j], cf_masks[j],
+                                                cf_tgts[j])
                     feats = {
                         k: torch.cat([out[k] if i == j else c[k] for i, c in enumerate(cached)])
                         for k in ("image_features", "text_features")
@@ -485,6 +495,7 @@ def _run(args: argparse.Namespace) -> tuple[dict[str, Any], Any]:
         "context_length": int(built.model_cfg.get("text_cfg", {}).get("context_length", 77)),
         "trainable_parameters": trainable, "parameters": total, "peft": args.peft,
         "count_loss": args.count_loss, "count_negatives": args.count_negatives,
+        "count_sigma": args.count_sigma,
         "checkpoint": os.path.join(ckpt_dir, "latest.pt"),
     }
     if rank == 0:
