@@ -410,7 +410,7 @@ class ShardBatches(torch.utils.data.IterableDataset):
                                                  k) if k else (0, []))
                 cf_tokens = torch.stack([self.tok(c)[0] for c, _ in cf]) if cf else None
                 target = (torch.tensor(soft_targets(true, [v for _, v in cf], cfg.count_sigma))
-                          if cf and len(cf) == k else hard)
+                          if cf and cfg.count_sigma > 0 else hard)
             except Exception as exn:  # noqa: BLE001 - corrupt data must not kill a run
                 warn_and_count(exn)
                 continue

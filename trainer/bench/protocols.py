@@ -235,9 +235,13 @@ def counting(image_emb: np.ndarray, cand_text_emb: np.ndarray, counts: np.ndarra
              candidates: Sequence[int] = COUNT_CANDIDATES) -> dict[str, float]:
     """RemoteCount: per image the 10 captions (count 1..10 swapped in) are ranked by
     similarity; top-k = share of images whose true count is among the k best (k = 1..10)."""
-    sims = np.einsum("nd,ncd->nc", np.asarray(image_emb, np.float64),
+    return _count_topk(_count_sims(image_emb, cand_text_emb), counts, candidates)
+
+
+def _count_sims(image_emb: np.ndarray, cand_text_emb: np.ndarray) -> np.ndarray:
+    """[N, candidates]: each image against its own candidate captions."""
+    return np.einsum("nd,ncd->nc", np.asarray(image_emb, np.float64),
                      np.asarray(cand_text_emb, np.float64))
-    return _count_topk(sims, counts, candidates)
 
 
 def _count_topk(scores: np.ndarray, counts: np.ndarray,
@@ -270,9 +274,8 @@ def counting_within_category_r(image_emb: np.ndarray, cand_text_emb: np.ndarray,
     equal say nothing and are left out; a category where the model always picks the same count
     scores 0. NaN when no category is left. A model that counts is near 1; one that knows only
     the category, near 0, whatever its top-1."""
-    sims = np.einsum("nd,ncd->nc", np.asarray(image_emb, np.float64),
-                     np.asarray(cand_text_emb, np.float64))
-    picked = np.asarray(list(candidates))[sims.argmax(1)].astype(np.float64)
+    picked = np.asarray(list(candidates))[_count_sims(image_emb, cand_text_emb).argmax(1)]
+    picked = picked.astype(np.float64)
     true = np.asarray(counts, np.float64)
     cats = np.asarray(categories, dtype=str)
     rs, weights = [], []
